@@ -1,12 +1,13 @@
 """``torch.library`` registration of the kernel launchers, so ``torch.compile`` can trace them.
 
 Each launcher of a kernel backend becomes one functional op ``m2iv_kernels::<name>`` with a
-fake (meta) implementation. Eager calls skip the dispatcher and call the launcher directly:
-measured at decode shapes (T=1, D=4096, CPU host overhead, ``python -m benchmarks.kernels``
-prints it each run) a ``custom_op`` call costs ~6 us more than a direct call and an
-``autograd.Function`` ~3.5 us, while a fused kernel at T=1 runs in a few microseconds on a GPU.
-So the dispatcher is used only while ``torch.compile`` traces, where its cost disappears into
-the compiled graph. The autograd logic (``ops.py``) is the same on both paths.
+fake (meta) implementation. Eager calls skip the dispatcher and call the launcher directly.
+Why: at decode shapes (T=1, D=4096) a ``custom_op`` call costs ~8 us of host time more than a
+direct call, and an ``autograd.Function`` ~3.7 us (``python -m benchmarks.kernels`` measures
+both on every run), while a fused kernel at T=1 runs in a few microseconds on a GPU, so the
+dispatcher would double the cost of every steered layer. It is used only while
+``torch.compile`` traces, where its cost disappears into the compiled graph. The autograd
+logic (``ops.py``) is the same on both paths.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.kernels`` (ops) and the end-to-end suites."""
