@@ -21,6 +21,11 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def results_dir() -> Path:
+    """``benchmarks/results`` in a source checkout; ``./m2iv-results`` for an installed copy."""
+    return RESULTS if (RESULTS.parent.parent / ".git").exists() else Path("m2iv-results")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -83,9 +88,10 @@ def device_tag(device: torch.device) -> str:
     return "cpu"
 
 
-def write_results(stem: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS
+def write_results(stem: str, rows: list[dict], meta: dict, out_dir: Path | None = None
                   ) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (machine + rows) and ``<stem>.csv`` (rows) under ``out_dir``."""
+    out_dir = out_dir or results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     js, cs = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
     js.write_text(json.dumps({"machine": meta, "rows": rows}, indent=1) + "\n")

@@ -77,7 +77,8 @@ def check_steering(x: torch.Tensor, vectors: torch.Tensor, gates: torch.Tensor,
         if index.shape != (x.shape[0],):
             raise ValueError(f"index must have shape ({x.shape[0]},) (one entry per sequence "
                              f"in x.shape[0]); got {_shape(index)}")
-        if index.device.type == "cpu" and index.numel():
+        # value check only where it costs no device sync and no graph break
+        if index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= vectors.shape[0]:
                 raise ValueError(f"index values must lie in [0, {vectors.shape[0]}) for a bank "

@@ -1,0 +1,364 @@
+"""M2IV vs token-level in-context learning: prefill latency, decode throughput, peak memory,
+KV-cache size and context limits, from 1 to 128 shots, side by side in one run.
+
+    python -m benchmarks.icl --preset cpu-tiny            # or: m2iv bench --preset cpu-tiny
+    python -m benchmarks.icl --preset llava-1.5-7b        # on a GPU
+    python -m benchmarks.icl --preset cpu-tiny --set text.num_hidden_layers=8 --shots 1 4 16
+
+Modes: (a) zero-shot, unsteered; (b) zero-shot + M2IV through the fused patcher; (c) zero-shot
++ the same steering through plain forward hooks; (d) k-shot ICL with real interleaved
+image+text demonstrations. Then multi-task batches: K distinct vectors in one batch via the
+bank index, against one shared vector and against running each task's requests as its own
+batch (what per-request hook steering must do).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the
+measurement (activations + KV cache; weights excluded). On the CPU, the process's peak
+resident set size (``VmHWM``), reset through ``/proc/self/clear_refs`` before each
+measurement, above the resident size at its start: real allocations, glibc returns large
+tensors' pages to the OS when they are freed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import inspect
+import time
+from pathlib import Path
+
+import torch
+
+from .common import device_tag, machine_info, print_table, sync, time_ms, write_results
+from .hooks import add_steering_hooks
+from .presets import PRESETS, Preset, apply_overrides, build_model, context_window, make_inputs
+
+SHOTS = [1, 2, 4, 8, 16, 32, 64, 128]
+TASKS = [1, 4, 32, 256]
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def _cache_of(out):
+    """The KV cache of a forward's output (``cache`` in transformers >= 5.2x, else
+    ``past_key_values``)."""
+    return out.get("cache", None) or out.get("past_key_values", None)
+
+
+def kv_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+class PeakMemory:
+    """Peak bytes allocated above the level at ``__enter__`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = self._status("VmHWM") - self.base
+        return False
+
+
+class _Clock:
+    """A stopping criterion that timestamps every generated token (never stops generation)."""
+
+    def __init__(self, device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_tps(model, inputs: dict, steps: int, device: torch.device, repeats: int) -> float:
+    """Decode tokens per second (batch x steps / time between the first and last new token),
+    median over ``repeats`` greedy ``generate`` calls."""
+    from transformers import StoppingCriteriaList
+
+    batch = inputs["input_ids"].shape[0]
+    rates = []
+    for _ in range(repeats):
+        clock = _Clock(device)
+        model.generate(**inputs, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                       do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
+                       pad_token_id=0)
+        rates.append(batch * steps / (clock.stamps[-1] - clock.stamps[0]))
+    return sorted(rates)[len(rates) // 2]
+
+
+def prefill(model, inputs: dict):
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        model.forward).parameters else {}
+    with torch.no_grad():
+        return model(**inputs, use_cache=True, **kw)
+
+
+def measure(model, preset: Preset, inputs: dict, batch_inputs: dict, device, args) -> dict:
+    """Prefill latency, decode throughput at batch 1 and N, peak memory, KV bytes."""
+    t = time_ms(lambda: prefill(model, inputs), device, budget_s=args.budget, min_reps=3)
+    with PeakMemory(device) as mem:
+        out = prefill(model, inputs)
+        kv = kv_bytes(_cache_of(out))
+        del out
+    row = {"prefill_ms": t["median"], "prefill_p25_ms": t["p25"], "prefill_p75_ms": t["p75"],
+           "peak_mem_MB": mem.peak / 2**20, "kv_cache_MB": kv / 2**20}
+    with torch.no_grad():
+        row["decode_tps_b1"] = decode_tps(model, inputs, preset.decode_steps, device,
+                                          args.decode_repeats)
+        row[f"decode_tps_b{preset.decode_batch}"] = decode_tps(
+            model, batch_inputs, preset.decode_steps, device, args.decode_repeats)
+    return row
+
+
+@contextlib.contextmanager
+def _hooks(model, vectors, index=None):
+    handles = add_steering_hooks(model, vectors, index)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_fused_equals_hooks(model, vectors, inputs, backend: str) -> float:
+    """Mode (b) must produce mode (c)'s logits, and both must differ from (a): a fast wrong
+    path cannot win. Returns the relative max difference."""
+    import m2iv
+
+    with torch.no_grad():
+        base = model(**inputs).logits.float()
+        with _hooks(model, vectors):
+            hooked = model(**inputs).logits.float()
+        with m2iv.steer(model, vectors, backend=backend):
+            fused = model(**inputs).logits.float()
+    scale = hooked.abs().max().clamp_min(1e-6)
+    diff = float((fused - hooked).abs().max() / scale)
+    moved = float((hooked - base).abs().max() / scale)
+    tol = 1e-4 if model.dtype == torch.float32 else 3e-2
+    if diff > tol or moved < 10 * tol:
+        raise RuntimeError(f"correctness guard failed: fused vs hook logits differ by {diff:.3g} "
+                           f"(tolerance {tol}); steering moved logits by {moved:.3g}")
+    return diff
+
+
+# ------------------------------------------------------------------------------ the run
+
+def run(preset: Preset, args) -> tuple[list[dict], list[dict]]:
+    import m2iv
+    from tqdm.auto import tqdm
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(preset, device)
+    vectors = m2iv.M2IV.random_like(model, seed=0).to(device)
+    zero, n_zero = make_inputs(preset, model, 0)
+    zero_b, _ = make_inputs(preset, model, 0, batch=preset.decode_batch, seed=1)
+    guard = check_fused_equals_hooks(model, vectors, zero, args.backend)
+    ctx = context_window(preset)
+
+    plan = [("a) unsteered", 0), ("b) M2IV fused", 0), ("c) M2IV hooks", 0)] + [
+        (f"d) ICL {k}-shot", k) for k in args.shots]
+    rows = []
+    bar = tqdm(plan + [(f"multi-task K={k}", k) for k in args.tasks], desc=preset.name,
+               unit="run")
+    for mode, k in plan:
+        bar.set_postfix_str(mode)
+        row = {"mode": mode, "shots": k}
+        try:
+            if k:
+                inputs, n = make_inputs(preset, model, k)
+                row["prompt_tokens"] = n
+                if n + preset.decode_steps + 1 > ctx:
+                    row["status"] = f"exceeds context ({n} + {preset.decode_steps} > {ctx})"
+                    rows.append(row)
+                    bar.update()
+                    continue
+                batch_inputs, _ = make_inputs(preset, model, k, batch=preset.decode_batch, seed=1)
+                row.update(measure(model, preset, inputs, batch_inputs, device, args))
+            else:
+                row["prompt_tokens"] = n_zero
+                steering = (m2iv.steer(model, vectors, backend=args.backend)
+                            if mode.startswith("b") else
+                            _hooks(model, vectors) if mode.startswith("c")
+                            else contextlib.nullcontext())
+                with steering:
+                    row.update(measure(model, preset, zero, zero_b, device, args))
+            row["status"] = "ok"
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            row["status"] = "OOM"
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        bar.update()
+    _ratios(rows, preset)
+    for row in rows:
+        row["guard_rel_diff"] = guard if row["mode"].startswith(("b", "c")) else None
+
+    tasks = run_multitask(model, preset, vectors, device, args, bar)
+    bar.close()
+    return rows, tasks
+
+
+def _ratios(rows: list[dict], preset: Preset) -> None:
+    """Overheads vs (a) and the ICL-vs-M2IV speedups, in place."""
+    by = {r["mode"][:1]: r for r in rows if r["mode"][:1] in "abc" and r.get("status") == "ok"}
+    a, b = by.get("a"), by.get("b")
+    dec = f"decode_tps_b{preset.decode_batch}"
+    for r in rows:
+        if r.get("status") != "ok" or not a or not b:
+            continue
+        if r["mode"][:1] in "bc":
+            r["prefill_overhead_vs_unsteered"] = r["prefill_ms"] / a["prefill_ms"]
+            r["decode_b1_slowdown_vs_unsteered"] = a["decode_tps_b1"] / r["decode_tps_b1"]
+        if r["mode"].startswith("d"):
+            r["m2iv_prefill_speedup"] = r["prefill_ms"] / b["prefill_ms"]
+            r["m2iv_decode_speedup"] = b[dec] / r[dec]
+            r["m2iv_memory_ratio"] = r["peak_mem_MB"] / max(b["peak_mem_MB"], 1e-9)
+            r["m2iv_kv_ratio"] = r["kv_cache_MB"] / max(b["kv_cache_MB"], 1e-9)
+
+
+def run_multitask(model, preset: Preset, vectors, device, args, bar) -> list[dict]:
+    """Decode throughput of one batch whose sequences use K distinct vectors."""
+    import m2iv
+
+    batch = args.multitask_batch
+    inputs, _ = make_inputs(preset, model, 0, batch=batch, seed=2, with_images=False)
+    steps = preset.decode_steps
+    out = []
+    with m2iv.steer(model, vectors, backend=args.backend):
+        shared = decode_tps(model, inputs, steps, device, args.decode_repeats)
+    for k in args.tasks:
+        bar.set_postfix_str(f"multi-task K={k}")
+        if k > batch:
+            out.append({"K": k, "status": f"K > batch {batch}"})
+            bar.update()
+            continue
+        bank = m2iv.M2IV.stack([vectors] + [m2iv.M2IV.random_like(model, seed=s).to(device)
+                                            for s in range(1, k)])
+        index = torch.arange(batch, device=device) % k
+        handle = m2iv.patch_model(model, bank, backend=args.backend)
+        try:
+            handle.select(index)
+            fused = decode_tps(model, inputs, steps, device, args.decode_repeats)
+        finally:
+            handle.remove()
+        # per-task batches: each task's requests run as their own steered batch
+        start = time.perf_counter()
+        for t in range(k):
+            rows_t = (index == t).nonzero().flatten()
+            sub = {n: v[rows_t] for n, v in inputs.items()}
+            with _hooks(model, bank[t]):
+                with torch.no_grad():
+                    model.generate(**sub, max_new_tokens=steps, min_new_tokens=steps,
+                                   do_sample=False, pad_token_id=0)
+        sync(device)
+        split = batch * steps / (time.perf_counter() - start)
+        out.append({"K": k, "batch": batch, "shared_vector_tps": shared, "bank_fused_tps": fused,
+                    "split_per_task_hooks_tps": split, "bank_vs_shared": fused / shared,
+                    "split_vs_shared": split / shared, "status": "ok"})
+        bar.update()
+    return out
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override preset fields, e.g. text.num_hidden_layers=8 "
+                        "image_size=224x224 decode_steps=8 dtype=bfloat16")
+    p.add_argument("--shots", type=int, nargs="+", default=SHOTS)
+    p.add_argument("--tasks", type=int, nargs="+", default=TASKS,
+                   help="numbers of distinct vectors K in one multi-task batch")
+    p.add_argument("--multitask-batch", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per prefill")
+    p.add_argument("--decode-repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="results directory")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long run: 2 shots, K in {1, 4}, tiny timing budgets")
+
+
+def main_from_args(args) -> dict:
+    from .common import results_dir
+
+    preset = apply_overrides(PRESETS[args.preset], args.overrides)
+    if args.smoke:
+        preset = apply_overrides(preset, ["decode_steps=4", "decode_batch=2"])
+        args.shots, args.tasks, args.multitask_batch = [1, 2, 64], [1, 4], 8
+        args.budget, args.decode_repeats = 0.05, 1
+    device = torch.device(args.device)
+    meta = {**machine_info(device), "preset": preset.name, "preset_config":
+            {"family": preset.family, "text": preset.text, "vision": preset.vision,
+             "image_size": preset.image_size, "dtype": preset.dtype,
+             "decode_steps": preset.decode_steps, "decode_batch": preset.decode_batch},
+            "backend": args.backend}
+    print(f"m2iv bench: {preset.name} ({preset.description}) on {meta['device']}")
+    rows, tasks = run(preset, args)
+    cols = ["mode", "prompt_tokens", "status", "prefill_ms", "decode_tps_b1",
+            f"decode_tps_b{preset.decode_batch}", "peak_mem_MB", "kv_cache_MB",
+            "prefill_overhead_vs_unsteered", "m2iv_prefill_speedup", "m2iv_decode_speedup",
+            "m2iv_memory_ratio"]
+    print()
+    print_table(rows, cols)
+    print()
+    print_table(tasks, ["K", "batch", "shared_vector_tps", "bank_fused_tps",
+                        "split_per_task_hooks_tps", "bank_vs_shared", "split_vs_shared"])
+    out_dir = args.out or results_dir()
+    stem = f"{preset.name}-{device_tag(device)}-{dt.date.today().isoformat()}" + (
+        "-smoke" if args.smoke else "")
+    js, cs = write_results(stem, rows + [{"mode": "multi-task", **t} for t in tasks], meta,
+                           out_dir=out_dir)
+    files = [js, cs]
+    if not args.no_plots:
+        from .plots import plot_icl
+
+        files += plot_icl(rows, tasks, preset, meta, out_dir / stem)
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    return {"rows": rows, "tasks": tasks, "files": files}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.icl",
+                                description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return main_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""PNG plots of the ICL-vs-M2IV benchmark (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_COLORS = {"a": "#7f7f7f", "b": "#d62728", "c": "#1f77b4", "d": "#2ca02c"}
+
+
+def _icl(rows):
+    return [r for r in rows if r["mode"].startswith("d")]
+
+
+def _flat(rows, key):
+    return {r["mode"]: r[key] for r in rows if r["mode"][:1] in "abc" and r.get("status") == "ok"}
+
+
+def _vs_shots(ax, rows, key, ylabel, title):
+    icl = _icl(rows)
+    ok = [r for r in icl if r.get("status") == "ok"]
+    ax.plot([r["shots"] for r in ok], [r[key] for r in ok], "o-", color=_COLORS["d"],
+            label="k-shot ICL", lw=2)
+    for mode, value in _flat(rows, key).items():
+        ax.axhline(value, color=_COLORS[mode[0]], ls="-" if mode[0] == "b" else "--", lw=2,
+                   label=mode[3:] + " (zero-shot)")
+    ymax = max([r[key] for r in ok] + list(_flat(rows, key).values()) or [1])
+    for r in icl:
+        if r.get("status") != "ok":
+            ax.plot(r["shots"], ymax, "x", color="black", ms=9)
+            ax.annotate("exceeds\ncontext" if "context" in r["status"] else r["status"],
+                        (r["shots"], ymax), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("demonstrations in the prompt (shots)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_icl(rows: list[dict], tasks: list[dict], preset, meta: dict, stem: Path) -> list[Path]:
+    """Write ``<stem>-latency.png``, ``-memory.png``, ``-overhead.png``, ``-multitask.png``."""
+    where = f"{preset.name} on {meta['device']}"
+    files = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    _vs_shots(ax, rows, "prefill_ms", "prefill latency / TTFT (ms)",
+              f"Prefill latency vs shots: {where}")
+    files.append(_save(fig, stem, "latency"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    _vs_shots(axes[0], rows, "peak_mem_MB", "peak memory above weights (MiB)",
+              f"Peak memory vs shots: {where}")
+    _vs_shots(axes[1], rows, "kv_cache_MB", "KV cache (MiB)", "KV-cache size vs shots")
+    files.append(_save(fig, stem, "memory"))
+
+    flat = [r for r in rows if r["mode"][:1] in "abc" and r.get("status") == "ok"]
+    dec = f"decode_tps_b{preset.decode_batch}"
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, key, label in zip(axes, ["prefill_ms", "decode_tps_b1", dec],
+                              ["prefill (ms, lower is better)", "decode tok/s, batch 1",
+                               f"decode tok/s, batch {preset.decode_batch}"]):
+        ax.bar([r["mode"][3:] for r in flat], [r[key] for r in flat],
+               color=[_COLORS[r["mode"][0]] for r in flat])
+        base = flat[0][key] if flat else 1
+        for i, r in enumerate(flat):
+            ax.annotate(f"{r[key] / base:.2f}x", (i, r[key]), ha="center", va="bottom",
+                        fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Steering overhead (zero-shot): {where}", fontsize=10)
+    files.append(_save(fig, stem, "overhead"))
+
+    ok = [t for t in tasks if t.get("status") == "ok"]
+    if ok:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ks = [t["K"] for t in ok]
+        ax.plot(ks, [t["bank_fused_tps"] for t in ok], "o-", color=_COLORS["b"], lw=2,
+                label="m2iv: one batch, bank index")
+        ax.plot(ks, [t["split_per_task_hooks_tps"] for t in ok], "s--", color=_COLORS["c"],
+                lw=2, label="hooks: one batch per task")
+        ax.axhline(ok[0]["shared_vector_tps"], color="gray", ls=":", label="one shared vector")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("distinct vectors K in the batch")
+        ax.set_ylabel(f"decode tokens/s (batch {ok[0]['batch']})")
+        ax.set_title(f"Multi-task throughput: {where}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        files.append(_save(fig, stem, "multitask"))
+    return files
+
+
+def _save(fig, stem: Path, name: str) -> Path:
+    path = Path(f"{stem}-{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
