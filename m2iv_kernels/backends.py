@@ -93,11 +93,15 @@ def _resolve_cached(backend: str, env: str | None, device: torch.device) -> str:
     return backend
 
 
-@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for a call; ``auto`` honours the ``M2IV_BACKEND`` variable.
     A constant for ``torch.compile``: it is decided once, outside the graph."""
     return _resolve_cached(backend, os.environ.get(ENV_VAR) or None, device)
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo (and
+# with it triton, ~0.7 s) when m2iv_kernels is imported.
+resolve._dynamo_marked_constant = True
 
 
 def kernels(name: str) -> ModuleType:

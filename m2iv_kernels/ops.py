@@ -29,25 +29,34 @@ def _vector_grads(ctx, g_sum: torch.Tensor) -> tuple[torch.Tensor | None, torch.
     return dv, dg
 
 
+def _steer_forward(x, residual, vectors, gates, mask, index, inplace: bool, backend: str):
+    """Launch the steer kernel; returns ``(out, row metadata)``."""
+    meta = row_meta(x, mask, index, vectors.shape[0])
+    vec, gat = vectors.contiguous(), gates.contiguous()
+    x2 = as_rows(x)
+    res2 = as_rows(residual) if residual is not None else None
+    if inplace and _same_storage(x2, x):
+        call(backend, "steer_fwd", x2, res2, x2, vec, gat, meta)
+        return x, meta
+    out2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    call(backend, "steer_fwd", x2, res2, out2, vec, gat, meta)
+    return (x.copy_(out2.view(x.shape)) if inplace else out2.view(x.shape)), meta
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must record the op (inference skips ``autograd.Function``'s cost)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _Steer(torch.autograd.Function):
     """``out = [residual +] x + mask * gates * vectors`` (head steer, or steer-add)."""
 
     @staticmethod
     def forward(ctx, x, residual, vectors, gates, mask, index, inplace: bool, backend: str):
-        meta = row_meta(x, mask, index, vectors.shape[0])
-        vec, gat = vectors.contiguous(), gates.contiguous()
-        x2 = as_rows(x)
-        res2 = as_rows(residual) if residual is not None else None
-        if inplace and _same_storage(x2, x):
-            call(backend, "steer_fwd", x2, res2, x2, vec, gat, meta)
-            out = x
-        else:
-            out2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-            call(backend, "steer_fwd", x2, res2, out2, vec, gat, meta)
-            out = x.copy_(out2.view(x.shape)) if inplace else out2.view(x.shape)
+        out, meta = _steer_forward(x, residual, vectors, gates, mask, index, inplace, backend)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.save_for_backward(vec, gat)
+        ctx.save_for_backward(vectors.contiguous(), gates.contiguous())
         ctx.meta, ctx.backend = meta, backend
         ctx.needs_vec, ctx.needs_gate = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         return out
@@ -62,17 +71,29 @@ class _Steer(torch.autograd.Function):
         return grad, grad_res, dv, dg, None, None, None, None
 
 
+def _steer(x, residual, vectors, gates, mask, index, inplace: bool, backend: str):
+    if _needs_grad(x, residual, vectors, gates):
+        return _Steer.apply(x, residual, vectors, gates, mask, index, inplace, backend)
+    return _steer_forward(x, residual, vectors, gates, mask, index, inplace, backend)[0]
+
+
+def _rmsnorm_forward(residual, x, vectors, gates, weight, eps, offset, mask, index, backend):
+    meta = row_meta(x, mask, index, vectors.shape[0])
+    normed, new_res, rstd = call(backend, "rmsnorm_fwd", as_rows(residual), as_rows(x),
+                                 vectors.contiguous(), gates.contiguous(), weight.contiguous(),
+                                 eps, offset, meta)
+    return normed, new_res, rstd, meta
+
+
 class _SteerRMSNorm(torch.autograd.Function):
     """``(rmsnorm(residual + x + mask * gate * v) * (offset + weight), new_residual)``."""
 
     @staticmethod
     def forward(ctx, residual, x, vectors, gates, weight, eps: float, offset: float, mask, index,
                 backend: str):
-        meta = row_meta(x, mask, index, vectors.shape[0])
-        vec, gat = vectors.contiguous(), gates.contiguous()
-        normed, new_res, rstd = call(backend, "rmsnorm_fwd", as_rows(residual), as_rows(x), vec,
-                                     gat, weight.contiguous(), eps, offset, meta)
-        ctx.save_for_backward(vec, gat, weight, new_res, rstd)
+        normed, new_res, rstd, meta = _rmsnorm_forward(residual, x, vectors, gates, weight, eps,
+                                                       offset, mask, index, backend)
+        ctx.save_for_backward(vectors.contiguous(), gates.contiguous(), weight, new_res, rstd)
         ctx.meta, ctx.backend, ctx.offset = meta, backend, offset
         ctx.needs_vec, ctx.needs_gate = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         ctx.set_materialize_grads(False)
@@ -126,8 +147,8 @@ def head_steer(x: torch.Tensor, vectors: torch.Tensor, gates: torch.Tensor, *,
         out = reference.head_steer(x, vectors, gates, mask=mask, index=index)
         return x.copy_(out) if inplace else out
     if vectors.dim() == 2:
-        vectors, gates = vectors[None], gates[None]
-    return _Steer.apply(x, None, vectors, gates, mask, index, inplace, name)
+        vectors, gates = vectors.unsqueeze(0), gates.unsqueeze(0)
+    return _steer(x, None, vectors, gates, mask, index, inplace, name)
 
 
 def steer_add(residual: torch.Tensor, x: torch.Tensor, vector: torch.Tensor, gate: torch.Tensor,
@@ -151,7 +172,7 @@ def steer_add(residual: torch.Tensor, x: torch.Tensor, vector: torch.Tensor, gat
     if name == "torch":
         return reference.steer_add(residual, x, vector, gate, mask=mask, index=index)
     vectors, gates = _as_bank(vector, gate)
-    return _Steer.apply(x, residual, vectors, gates, mask, index, False, name)
+    return _steer(x, residual, vectors, gates, mask, index, False, name)
 
 
 def steer_add_rmsnorm(residual: torch.Tensor, x: torch.Tensor, vector: torch.Tensor,
@@ -184,12 +205,14 @@ def steer_add_rmsnorm(residual: torch.Tensor, x: torch.Tensor, vector: torch.Ten
         return reference.steer_add_rmsnorm(residual, x, vector, gate, weight, eps,
                                            weight_offset=weight_offset, mask=mask, index=index)
     vectors, gates = _as_bank(vector, gate)
-    return _SteerRMSNorm.apply(residual, x, vectors, gates, weight, float(eps),
-                               float(weight_offset), mask, index, name)
+    if _needs_grad(residual, x, vectors, gates, weight):
+        return _SteerRMSNorm.apply(residual, x, vectors, gates, weight, float(eps),
+                                   float(weight_offset), mask, index, name)
+    normed, new_res = _rmsnorm_forward(residual, x, vectors, gates, weight, float(eps),
+                                       float(weight_offset), mask, index, name)[:2]
+    return normed.view(x.shape), new_res.view(x.shape)
 
 
 def _as_bank(vector: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[D]``/``[]`` or ``[N, D]``/``[N]`` as the head layout ``[N, 1, D]``/``[N, 1]``."""
-    if vector.dim() == 1:
-        vector, gate = vector[None], gate[None]
-    return vector[:, None, :], gate[:, None]
+    return vector.view(-1, 1, vector.shape[-1]), gate.view(-1, 1)
