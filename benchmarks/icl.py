@@ -11,11 +11,11 @@ image+text demonstrations. Then multi-task batches: K distinct vectors in one ba
 bank index, against one shared vector and against running each task's requests as its own
 batch (what per-request hook steering must do).
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the
-measurement (activations + KV cache; weights excluded). On the CPU, the process's peak
-resident set size (``VmHWM``), reset through ``/proc/self/clear_refs`` before each
-measurement, above the resident size at its start: real allocations, glibc returns large
-tensors' pages to the OS when they are freed.
+Peak memory of one prefill (activations + KV cache; weights excluded): on CUDA,
+``torch.cuda.max_memory_allocated`` above the memory held before it. On the CPU, the PyTorch
+profiler's allocation records (``profile_memory=True``), summed in time order: the peak of live
+tensor bytes at operator boundaries (temporaries freed inside one operator are not seen). It
+runs after the timings, so profiling never slows a timed call.
 """
 from __future__ import annotations
 
@@ -56,18 +56,14 @@ def kv_bytes(cache) -> int:
 
 
 class PeakMemory:
-    """Peak bytes allocated above the level at ``__enter__`` (see the module docstring)."""
+    """Peak bytes of live tensors above the level at ``__enter__`` (see the module docstring).
+
+    CUDA: the caching allocator's own peak counter. CPU: the PyTorch profiler's allocation
+    records (``profile_memory=True``), summed in time order over top-level operators and frees;
+    temporaries allocated and freed inside one operator are not seen."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        return 0
 
     def __enter__(self):
         gc.collect()
@@ -76,17 +72,23 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = self._status("VmRSS")
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.peak = self._status("VmHWM") - self.base
+            return False
+        self.prof.__exit__(*exc)
+        top = [e for e in self.prof.events() if e.cpu_parent is None and e.cpu_memory_usage]
+        running = 0
+        for e in sorted(top, key=lambda e: e.time_range.start):
+            running += e.cpu_memory_usage
+            self.peak = max(self.peak, running)
         return False
 
 
@@ -128,18 +130,31 @@ def prefill(model, inputs: dict):
 def measure(model, preset: Preset, inputs: dict, batch_inputs: dict, device, args) -> dict:
     """Prefill latency, decode throughput at batch 1 and N, peak memory, KV bytes."""
     t = time_ms(lambda: prefill(model, inputs), device, budget_s=args.budget, min_reps=3)
-    with PeakMemory(device) as mem:
-        out = prefill(model, inputs)
-        kv = kv_bytes(_cache_of(out))
-        del out
-    row = {"prefill_ms": t["median"], "prefill_p25_ms": t["p25"], "prefill_p75_ms": t["p75"],
-           "peak_mem_MB": mem.peak / 2**20, "kv_cache_MB": kv / 2**20}
+    row = {"prefill_ms": t["median"], "prefill_p25_ms": t["p25"], "prefill_p75_ms": t["p75"]}
     with torch.no_grad():
         row["decode_tps_b1"] = decode_tps(model, inputs, preset.decode_steps, device,
                                           args.decode_repeats)
         row[f"decode_tps_b{preset.decode_batch}"] = decode_tps(
             model, batch_inputs, preset.decode_steps, device, args.decode_repeats)
+    with PeakMemory(device) as mem:  # last: profiling must not slow a timed call
+        out = prefill(model, inputs)
+        kv = kv_bytes(_cache_of(out))
+        del out
+    row.update(peak_mem_MB=mem.peak / 2**20, kv_cache_MB=kv / 2**20)
     return row
+
+
+def warm_up(model, vectors, inputs: dict, batch_inputs: dict, args) -> None:
+    """First calls pay one-time costs (lazy initialisation, allocator growth, extension
+    loading); run every path once so that no measured mode pays them."""
+    import m2iv
+
+    for steering in (contextlib.nullcontext(), m2iv.steer(model, vectors, backend=args.backend),
+                     _hooks(model, vectors)):
+        with steering, torch.no_grad():
+            prefill(model, inputs)
+            for inp in (inputs, batch_inputs):
+                model.generate(**inp, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 @contextlib.contextmanager
@@ -186,6 +201,7 @@ def run(preset: Preset, args) -> tuple[list[dict], list[dict]]:
     zero, n_zero = make_inputs(preset, model, 0)
     zero_b, _ = make_inputs(preset, model, 0, batch=preset.decode_batch, seed=1)
     guard = check_fused_equals_hooks(model, vectors, zero, args.backend)
+    warm_up(model, vectors, zero, zero_b, args)
     ctx = context_window(preset)
 
     plan = [("a) unsteered", 0), ("b) M2IV fused", 0), ("c) M2IV hooks", 0)] + [
@@ -259,6 +275,7 @@ def run_multitask(model, preset: Preset, vectors, device, args, bar) -> list[dic
     steps = preset.decode_steps
     out = []
     with m2iv.steer(model, vectors, backend=args.backend):
+        decode_tps(model, inputs, 1, device, 1)  # warm-up at this batch size
         shared = decode_tps(model, inputs, steps, device, args.decode_repeats)
     for k in args.tasks:
         bar.set_postfix_str(f"multi-task K={k}")

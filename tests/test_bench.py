@@ -34,6 +34,7 @@ def test_icl_benchmark_smoke(smoke):
     assert rows["b) M2IV fused"]["status"] == "ok"
     assert rows["d) ICL 1-shot"]["prompt_tokens"] > rows["a) unsteered"]["prompt_tokens"]
     assert rows["d) ICL 1-shot"]["kv_cache_MB"] > rows["b) M2IV fused"]["kv_cache_MB"]
+    assert rows["d) ICL 1-shot"]["peak_mem_MB"] > rows["b) M2IV fused"]["peak_mem_MB"] > 0
     assert rows["d) ICL 64-shot"]["status"].startswith("exceeds context")
     assert rows["d) ICL 1-shot"]["m2iv_prefill_speedup"] > 0
     assert [t["K"] for t in result["tasks"]] == [1, 4]
