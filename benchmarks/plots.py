@@ -28,13 +28,16 @@ def _vs_shots(ax, rows, key, ylabel, title):
         ax.axhline(value, color=_COLORS[mode[0]], ls="-" if mode[0] == "b" else "--", lw=2,
                    label=mode[3:] + " (zero-shot)")
     ymax = max([r[key] for r in ok] + list(_flat(rows, key).values()) or [1])
+    top = ymax * 1.4
     for r in icl:
         if r.get("status") != "ok":
-            ax.plot(r["shots"], ymax, "x", color="black", ms=9)
+            ax.plot(r["shots"], top, "x", color="black", ms=9)
             ax.annotate("exceeds\ncontext" if "context" in r["status"] else r["status"],
-                        (r["shots"], ymax), textcoords="offset points", xytext=(0, 6),
+                        (r["shots"], top), textcoords="offset points", xytext=(0, -22),
                         ha="center", fontsize=7)
     ax.set_xscale("log", base=2)
+    ax.set_xticks([r["shots"] for r in icl], [str(r["shots"]) for r in icl])
+    ax.set_ylim(top=top * 1.6)
     ax.set_yscale("log")
     ax.set_xlabel("demonstrations in the prompt (shots)")
     ax.set_ylabel(ylabel)
