@@ -185,8 +185,10 @@ def _reduce_banks(part: torch.Tensor, meta: Rows) -> torch.Tensor:
     per_seq = part.sum(1)
     if meta.index is None:
         return per_seq
+    # rows whose bank index is out of range were left unsteered: they get no gradient
+    valid = (meta.index >= 0) & (meta.index < meta.n_bank)
     out = per_seq.new_zeros(meta.n_bank, per_seq.shape[-1])
-    return out.index_add_(0, meta.index, per_seq)
+    return out.index_add_(0, meta.index.clamp(0, meta.n_bank - 1), per_seq * valid[:, None])
 
 
 def _dummy(t: torch.Tensor) -> torch.Tensor:
