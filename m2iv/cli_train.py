@@ -1,0 +1,362 @@
+"""``m2iv train``, ``m2iv eval`` and ``m2iv data``: train M2IVs from the command line.
+
+    m2iv data make-digits digits/                     # the built-in example task
+    m2iv train --data digits/ --shots 8 --pool-size 128 --steps 300 --out digits.safetensors
+    m2iv eval  --data digits/ --vectors digits.safetensors --shots 0,1,4,8 \\
+               --baselines mean-activation --out digits-eval.json
+
+Data parallel: ``torchrun --nproc_per_node 2 -m m2iv.cli train ...`` (gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["add_parsers", "load_model", "MODEL_PRESETS"]
+
+MODEL_PRESETS = {
+    "testbed": "the digits testbed LLaVA shipped with m2iv (1 image token per image)",
+    "testbed-1tok": "same as testbed",
+    "testbed-4tok": "the digits testbed with 4 image tokens per image",
+}
+
+
+def _csv_ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _dtype(name: str):
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    try:
+        dt = getattr(torch, name)
+    except AttributeError:
+        dt = None
+    if not isinstance(dt, torch.dtype):
+        raise SystemExit(f"m2iv: unknown dtype {name!r} (float32, bfloat16, float16)")
+    return dt
+
+
+def load_model(spec: str | None, data_dir: str | None = None, device: str = "auto",
+               dtype: str = "auto", processor: str | None = None, template: str = "auto"):
+    """``(model, prompt_builder)`` for a preset name (see :data:`MODEL_PRESETS`) or a local
+    Hugging Face model directory (``AutoModelForImageTextToText`` + ``AutoProcessor``)."""
+    import torch
+
+    from .data import task_info
+    from .prompts import make_prompt_builder
+    from .train.distributed import local_device
+
+    if spec is None and data_dir:
+        spec = task_info(data_dir).get("model")
+    if spec is None:
+        raise SystemExit("m2iv: --model is required (a preset: "
+                         f"{', '.join(MODEL_PRESETS)}; or a local model directory)")
+    dev = local_device(device)
+    dt = _dtype(dtype)
+    if spec in MODEL_PRESETS:
+        from .testbed import load_testbed
+
+        variant = "4tok" if spec.endswith("4tok") else "1tok"
+        try:
+            model, _ = load_testbed(variant, device=dev, dtype=dt or torch.float32)
+        except FileNotFoundError as err:
+            raise SystemExit(f"m2iv: {err}") from None
+        return model, make_prompt_builder(model)
+    try:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+    except ImportError as err:  # pragma: no cover
+        raise SystemExit(f"m2iv: loading {spec!r} needs transformers: {err}") from None
+    if dt is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dt)
+        proc = AutoProcessor.from_pretrained(processor or spec)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"m2iv: cannot load model {spec!r}: it is not a preset "
+                         f"({', '.join(MODEL_PRESETS)}) and loading it as a Hugging Face "
+                         f"model failed: {str(err).splitlines()[0]}") from None
+    model.to(dev).eval()
+    return model, make_prompt_builder(model, proc, template=template)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="a preset (" + ", ".join(MODEL_PRESETS) + ") or a local Hugging Face "
+                   "model directory; default: the 'model' of the data's task.json")
+    g.add_argument("--processor", default=None, help="processor directory (default: --model)")
+    g.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                   help="prompt format: the processor's chat template or the plain fallback")
+    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), "
+                   "cpu, cuda, cuda:1 ...")
+    g.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on "
+                   "CPU), float32, bfloat16, float16")
+    g.add_argument("--backend", default="auto", choices=["auto", "triton", "ext", "torch"],
+                   help="kernel backend of the patched model")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_parsers(subparsers) -> None:
+    """Register ``train``, ``eval`` and ``data`` on an argparse ``subparsers`` object (each
+    sets ``args.func``)."""
+    from .train.baselines import METHODS
+
+    # ---------------------------------------------------------------- train
+    p = subparsers.add_parser(
+        "train", help="distil k-shot ICL into M2IV vectors (or train a baseline)",
+        description="Train M2IV vectors by distilling the model's k-shot in-context learning "
+        "(mimicry KL + answer CE + MHA/MLP synergy). Writes a safetensors vectors file with "
+        "full metadata, a JSON log and a PNG loss curve.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    g = p.add_argument_group("task")
+    g.add_argument("--data", "-d", required=True, help="task directory (data.jsonl + images)")
+    g.add_argument("--shots", "-k", type=int, default=4, help="demonstrations per teacher prompt")
+    g.add_argument("--pool-size", type=int, default=None,
+                   help="demonstration pool size (default: the whole pool split)")
+    g.add_argument("--method", default="m2iv", choices=list(METHODS))
+    g.add_argument("--layers", type=_csv_ints, default=None, help="steered layers, e.g. 0,1,2")
+    g.add_argument("--positions", default="all", choices=["all", "text"],
+                   help="tokens the vectors are added to")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=200)
+    g.add_argument("--batch-size", type=int, default=8, help="queries per micro-batch (global)")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=0.05,
+                   help="learning rate, relative to the residual-stream RMS")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps, or steps")
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("losses")
+    g.add_argument("--kl-weight", type=float, default=1.0)
+    g.add_argument("--ce-weight", type=float, default=1.0)
+    g.add_argument("--synergy-weight", type=float, default=0.1)
+    g.add_argument("--synergy", default="decorr", choices=["decorr", "align", "both", "none"],
+                   help="MHA/MLP synergy term: branch decorrelation, per-layer hidden-state "
+                   "alignment to the teacher, both, or none")
+    g.add_argument("--decorr-weight", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g = p.add_argument_group("mechanics")
+    g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--eval-queries", type=int, default=64)
+    g.add_argument("--patience", type=int, default=None, help="early stopping (evaluations)")
+    g.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt)")
+    g.add_argument("--checkpoint-every", type=int, default=50)
+    g.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    g.add_argument("--cache-dir", default=None, help="teacher-output cache directory")
+    g.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16",
+                                                                 "float16"])
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"])
+    g.add_argument("--teacher-batch-size", type=int, default=None)
+    g.add_argument("--n-prompts", type=int, default=64,
+                   help="prompts averaged by --method mean-activation")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--log-dir", default=None,
+                   help="where the JSON log and the PNG loss curve go (default: next to --out)")
+    p.add_argument("--out", "-o", required=True, help="output vectors (.safetensors)")
+    p.set_defaults(func=_cmd_train)
+
+    # ---------------------------------------------------------------- eval
+    p = subparsers.add_parser(
+        "eval", help="accuracy of zero-shot, k-shot ICL, M2IVs and baselines",
+        description="Evaluate on the task's eval split (exact match after VQA normalisation): "
+        "zero-shot, k-shot ICL for each --shots, every --vectors file and every --baselines "
+        "method. Prints a table and writes JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--data", "-d", required=True)
+    p.add_argument("--vectors", "-v", nargs="*", default=[], metavar="FILE",
+                   help="M2IV files (NAME=FILE to name a row)")
+    p.add_argument("--shots", type=_csv_ints, default=[0, 1, 2, 4],
+                   help="ICL shot counts to evaluate (0 = zero-shot)")
+    p.add_argument("--baselines", nargs="*", default=[], choices=["mean-activation"],
+                   help="training-free baselines computed on the fly")
+    p.add_argument("--baseline-shots", type=int, default=4)
+    p.add_argument("--pool-size", type=int, default=None)
+    p.add_argument("--eval-queries", type=int, default=None, help="default: the whole split")
+    p.add_argument("--kl-shots", type=int, default=None,
+                   help="also report the KL to this k-shot teacher for vector rows")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--positions", default="all", choices=["all", "text"])
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predictions", action="store_true", help="keep every prediction in JSON")
+    p.add_argument("--out", "-o", default=None, help="results JSON")
+    p.add_argument("--table", default=None, help="also write the Markdown table here")
+    p.set_defaults(func=_cmd_eval)
+
+    # ---------------------------------------------------------------- data
+    p = subparsers.add_parser("data", help="task data: make the built-in example, validate")
+    sub = p.add_subparsers(dest="data_command", metavar="COMMAND")
+    sub.required = True
+    sp = sub.add_parser("make-digits", help="write the built-in digits task (scikit-learn's "
+                        "8x8 digits, answers by a label permutation)")
+    sp.add_argument("dir")
+    sp.add_argument("--map", default="heldout0",
+                    help="label map: heldout0..heldout7, identity, reverse, succ, shift5, parity")
+    sp.add_argument("--pool-size", type=int, default=None)
+    sp.add_argument("--train-size", type=int, default=None)
+    sp.add_argument("--eval-size", type=int, default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=_cmd_make_digits)
+    sp = sub.add_parser("check", help="validate a task directory and print its splits")
+    sp.add_argument("dir")
+    sp.set_defaults(func=_cmd_check)
+
+
+# -------------------------------------------------------------------------- commands
+def _setup_threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _cmd_make_digits(args) -> int:
+    from .data import make_digits
+
+    t = make_digits(args.dir, label_map=args.map, pool_size=args.pool_size,
+                    train_size=args.train_size, eval_size=args.eval_size, seed=args.seed)
+    print(f"wrote {args.dir}: {t}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .data import DataError, TaskData
+
+    try:
+        t = TaskData.from_dir(args.dir)
+    except DataError as err:
+        print(f"m2iv data check: {err}", file=sys.stderr)
+        return 1
+    print(t)
+    return 0
+
+
+def _load_data(path: str):
+    from .data import DataError, load_task
+
+    try:
+        return load_task(path)
+    except DataError as err:
+        raise SystemExit(f"m2iv: bad task data: {err}") from None
+
+
+def _cmd_train(args) -> int:
+    from .train import distributed as ddp
+    from .train.baselines import TRAINED_METHODS, mean_activation_vectors
+    from .train.distill import Distiller, TrainConfig
+
+    _setup_threads(args)
+    dist = ddp.init(device=str(ddp.local_device(args.device)))
+    try:
+        data = _load_data(args.data)
+        model, builder = load_model(args.model, args.data, args.device, args.dtype,
+                                    args.processor, args.template)
+        out = args.out
+        stem = os.path.splitext(os.path.basename(out))[0]
+        log_dir = args.log_dir or os.path.dirname(os.path.abspath(out))
+        ckpt = args.checkpoint or (out + ".ckpt")
+        cfg = TrainConfig(
+            shots=args.shots, pool_size=args.pool_size, steps=args.steps,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+            weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
+            kl_weight=args.kl_weight, ce_weight=args.ce_weight,
+            synergy_weight=args.synergy_weight, synergy=args.synergy,
+            decorr_weight=args.decorr_weight, temperature=args.temperature,
+            layers=tuple(args.layers) if args.layers else None, positions=args.positions,
+            backend=args.backend, seed=args.seed, eval_every=args.eval_every,
+            eval_queries=args.eval_queries, patience=args.patience, checkpoint_path=ckpt,
+            checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir,
+            cache_dtype=args.cache_dtype, amp=args.amp,
+            teacher_batch_size=args.teacher_batch_size,
+            log_path=os.path.join(log_dir, f"{stem}.log.json"),
+            plot_path=os.path.join(log_dir, f"{stem}.loss.png"),
+            progress=not args.no_progress, method=args.method)
+        if args.method == "mean-activation":
+            v = mean_activation_vectors(model, data, builder, shots=args.shots,
+                                        pool_size=args.pool_size, n_prompts=args.n_prompts,
+                                        layers=args.layers, seed=args.seed)
+            d = Distiller(model, data, builder, cfg, dist=dist, steps=0)
+            try:
+                if d.eval_items:
+                    ev, zero = d.evaluate(v), d.evaluate(None)
+                    v.meta["metrics"] = {"eval_kl": ev["kl"], "zero_kl": zero["kl"],
+                                         "eval_top1": ev["top1"],
+                                         "kl_reduction": 1 - ev["kl"] / zero["kl"]
+                                         if zero["kl"] > 0 else 0.0}
+            finally:
+                d.close()
+        else:
+            for k, val in TRAINED_METHODS[args.method].items():
+                setattr(cfg, k, val)
+            d = Distiller(model, data, builder, cfg, dist=dist)
+            try:
+                if args.resume:
+                    if os.path.exists(ckpt):
+                        d.load_checkpoint(ckpt)
+                        if dist.is_main:
+                            print(f"resumed from {ckpt} at step {d.step}", file=sys.stderr)
+                    elif dist.is_main:
+                        print(f"no checkpoint at {ckpt}: starting from scratch", file=sys.stderr)
+                res = d.train()
+            finally:
+                d.close()
+            v = res.vectors
+        if dist.is_main:
+            v.save(out)
+            m = v.meta.get("metrics", {})
+            summary = {k: m[k] for k in ("eval_kl", "zero_kl", "kl_reduction", "eval_top1")
+                       if k in m}
+            print(f"wrote {out} ({v}); {json.dumps(summary)}")
+        dist.barrier()
+        return 0
+    finally:
+        dist.close()
+
+
+def _cmd_eval(args) -> int:
+    from .train.baselines import mean_activation_vectors
+    from .train.evaluate import compare, format_table
+    from .vectors import M2IV
+
+    _setup_threads(args)
+    data = _load_data(args.data)
+    model, builder = load_model(args.model, args.data, args.device, args.dtype, args.processor,
+                                args.template)
+    vectors = {}
+    for spec in args.vectors:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        v = M2IV.load(path)
+        name = name or v.meta.get("method") or os.path.splitext(os.path.basename(path))[0]
+        if name in vectors:
+            name = os.path.splitext(os.path.basename(path))[0]
+        vectors[name] = v
+    for b in args.baselines:
+        vectors[b] = mean_activation_vectors(model, data, builder, shots=args.baseline_shots,
+                                             pool_size=args.pool_size, seed=args.seed)
+    res = compare(model, data, builder, vectors=vectors, ks=args.shots, pool_size=args.pool_size,
+                  eval_queries=args.eval_queries, seed=args.seed,
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                  positions=args.positions, backend=args.backend, strength=args.strength,
+                  kl_shots=args.kl_shots, keep_predictions=args.predictions)
+    table = format_table(res)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    if args.table:
+        with open(args.table, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+    return 0
