@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (see README):
-#   make demo   set up .venv and run the main job on a small built-in default
+#   make demo   set up .venv and benchmark M2IV vs k-shot ICL on a tiny LLaVA (cpu-tiny preset)
 #   make test   set up .venv and run the test suite
 PY ?= python3
 VENV ?= .venv
@@ -8,20 +8,29 @@ BIN := $(VENV)/bin
 # install your CUDA torch first and run `make test TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench
+.PHONY: setup demo demo-train test bench
 setup: $(BIN)/.installed
 $(BIN)/.installed: setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
+	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 demo: setup
-	$(BIN)/python -m benchmarks.kernels --quick
+	$(BIN)/m2iv bench --preset cpu-tiny
+
+# distil an M2IV on the built-in digits task, then compare it with k-shot ICL
+demo-train: setup
+	$(BIN)/m2iv data make-digits runs/digits
+	$(BIN)/m2iv train --data runs/digits --shots 16 --steps 300 --lr 0.1 \
+		--cache-dir runs/digits/cache --out runs/digits.safetensors
+	$(BIN)/m2iv eval --data runs/digits --vectors m2iv=runs/digits.safetensors \
+		--baselines mean-activation --shots 0,1,2,4,8,16 --kl-shots 16 --out runs/digits-eval.json
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python -m benchmarks.kernels
+	$(BIN)/python -m benchmarks.patched
