@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ._atomic import atomic_write
 from ._version import __version__
 from .errors import IncompatibleVectorsError, VectorsFormatError, VectorsMismatchError
 
@@ -511,29 +511,7 @@ class M2IV:
             raise VectorsFormatError(f"meta must be JSON-serialisable: {err}") from None
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()}
         data = st_save(tensors, metadata={METADATA_KEY: text})
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".m2iv-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        try:  # make the rename durable too (best effort; not all platforms allow it)
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        atomic_write(path, data)
 
     @staticmethod
     def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -24,3 +24,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+KERNEL_BACKENDS = ["triton", "ext"]
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    """Each kernel backend that can run here (Triton under the interpreter, the extension)."""
+    import m2iv_kernels as mk
+
+    why = mk.available_backends("cpu")[request.param]
+    if why is not True:
+        pytest.skip(f"{request.param} unavailable: {why}")
+    return request.param

@@ -13,16 +13,7 @@ from m2iv_kernels import reference as ref
 
 from .helpers import assert_close, assert_rel
 
-KERNEL_BACKENDS = ["triton", "ext"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def backend(request):
-    why = mk.available_backends("cpu")[request.param]
-    if why is not True:
-        pytest.skip(f"{request.param} unavailable: {why}")
-    return request.param
 
 
 def _mask(kind: str | None, lead: tuple[int, ...]) -> torch.Tensor | None:

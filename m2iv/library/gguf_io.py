@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_path
 from ..vectors import M2IV
 from .errors import ControlVectorFormatError
 from .spec import ModelSpec, o_proj_weight
@@ -186,11 +186,7 @@ def write_control_vector(path: str | os.PathLike, directions: dict[int, Any],
         arrays[int(k)] = a
     if len({a.shape[0] for a in arrays.values()}) != 1:
         raise ValueError("all directions must have the same size")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".m2iv-gguf-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         if model_hint:
             writer.add_string(f"{ARCH}.model_hint", str(model_hint))
@@ -201,15 +197,6 @@ def write_control_vector(path: str | os.PathLike, directions: dict[int, Any],
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def load_control_vector(path: str | os.PathLike, *, model=None, num_heads: int | None = None,

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import fsync_dir
 from ..errors import IncompatibleVectorsError, VectorsFormatError, VectorsMismatchError
 from ..vectors import M2IV
 from .errors import EntryNotFoundError, LibraryError, LibraryIntegrityError, UnsafePathError
@@ -212,20 +213,6 @@ def as_embedding(embedding) -> np.ndarray:
     if not np.any(arr):
         raise LibraryError("the task embedding is all zeros (cosine similarity is undefined)")
     return arr.astype("<f4", copy=False)
-
-
-def _fsync_dir(path: str) -> None:
-    """Make renames and unlinks in ``path`` durable (best effort where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _commit(conn: sqlite3.Connection) -> None:
@@ -939,7 +926,7 @@ class VLibrary:
                     version = (row[0] if row else 0) + 1
                     os.replace(staged, final)
                     moved = True
-                    _fsync_dir(self._vectors)
+                    fsync_dir(self._vectors)
                     cur = conn.execute(
                         "INSERT INTO entries (name, version, file, sha256, size, model_type, "
                         "model_types, model_name, hidden_size, num_layers, num_heads, head_dim, "
@@ -964,7 +951,7 @@ class VLibrary:
                     if moved:  # undo the rename; if we die first, verify finds an orphan
                         with contextlib.suppress(OSError):
                             os.unlink(final)
-                        _fsync_dir(self._vectors)
+                        fsync_dir(self._vectors)
                     raise
             finally:
                 self._unstage(stage_dir, lock_fd)
@@ -1043,7 +1030,7 @@ class VLibrary:
                 continue  # never touch a path the index should not have held
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        _fsync_dir(self._vectors)
+        fsync_dir(self._vectors)
         return gone
 
     # ------------------------------------------------------------------ combining
@@ -1284,7 +1271,7 @@ class VLibrary:
                         except OSError as err:
                             rep.unrepaired.append(f"could not move {rel}: {err}")
             if repair:
-                _fsync_dir(self._vectors)
+                fsync_dir(self._vectors)
         rep.ok = rep.checked - len(rep.missing) - len(rep.corrupt) - len(rep.unsafe)
 
         for fn in sorted(os.listdir(self._tmp)):
@@ -1315,6 +1302,6 @@ class VLibrary:
         base = os.path.basename(path)
         dest = os.path.join(qdir, f"{int(time.time())}-{uuid.uuid4().hex[:8]}-{base}")
         os.replace(path, dest)
-        _fsync_dir(qdir)
+        fsync_dir(qdir)
         return os.path.relpath(dest, self.root)
 

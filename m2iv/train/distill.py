@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -43,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import atomic_write
 from ..data import DataError, Item, TaskData, load_task
 from ..families import describe
 from ..patch import patch_model
@@ -760,7 +760,7 @@ class Distiller:
                    "history": self.history}
             if final is not None:
                 doc["final"] = final
-            _atomic_write(cfg.log_path, json.dumps(doc, indent=1).encode())
+            atomic_write(cfg.log_path, json.dumps(doc, indent=1).encode())
         if cfg.plot_path and (final is not None or self.history):
             plot_history(self.history, cfg.plot_path, title=f"{cfg.method} on {self.task}")
 
@@ -793,7 +793,7 @@ class Distiller:
         if self.dist.is_main:
             buf = __import__("io").BytesIO()
             torch.save(self.state_dict(), buf)
-            _atomic_write(path, buf.getvalue())
+            atomic_write(path, buf.getvalue())
         self.dist.barrier()
 
     def load_checkpoint(self, path: str) -> None:
@@ -831,21 +831,6 @@ class Distiller:
     def close(self) -> None:
         """Remove the patch from the model."""
         self.handle.remove()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".m2iv-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_history(history: list[dict], path: str, title: str = "") -> None:

@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
 
+from .._atomic import atomic_write
 from ..data import Item
 
 __all__ = ["TeacherCache", "model_fingerprint", "prompt_key"]
@@ -137,15 +137,7 @@ class TeacherCache:
             path = self._path(key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             data = save(entry, metadata={"m2iv_teacher": json.dumps({"key": key})})
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write(path, data)
             self.writes += 1
         return entry
 
