@@ -104,20 +104,25 @@ class _Clock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def decode_tps(model, inputs: dict, steps: int, device: torch.device, repeats: int) -> float:
-    """Decode tokens per second (batch x steps / time between the first and last new token),
-    median over ``repeats`` greedy ``generate`` calls."""
+def decode_seconds(model, inputs: dict, steps: int, device: torch.device) -> float:
+    """Seconds between the first and the last of ``steps + 1`` greedy tokens: decode only,
+    the prefill excluded."""
     from transformers import StoppingCriteriaList
 
-    batch = inputs["input_ids"].shape[0]
-    rates = []
-    for _ in range(repeats):
-        clock = _Clock(device)
+    clock = _Clock(device)
+    with torch.no_grad():
         model.generate(**inputs, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                        do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
                        pad_token_id=0)
-        rates.append(batch * steps / (clock.stamps[-1] - clock.stamps[0]))
-    return sorted(rates)[len(rates) // 2]
+    return clock.stamps[-1] - clock.stamps[0]
+
+
+def decode_tps(model, inputs: dict, steps: int, device: torch.device, repeats: int) -> float:
+    """Decode tokens per second (batch x steps / decode time), median over ``repeats``."""
+    batch = inputs["input_ids"].shape[0]
+    rates = sorted(batch * steps / decode_seconds(model, inputs, steps, device)
+                   for _ in range(repeats))
+    return rates[len(rates) // 2]
 
 
 def prefill(model, inputs: dict):
@@ -293,16 +298,13 @@ def run_multitask(model, preset: Preset, vectors, device, args, bar) -> list[dic
         finally:
             handle.remove()
         # per-task batches: each task's requests run as their own steered batch
-        start = time.perf_counter()
+        seconds = 0.0
         for t in range(k):
             rows_t = (index == t).nonzero().flatten()
-            sub = {n: v[rows_t] for n, v in inputs.items()}
             with _hooks(model, bank[t]):
-                with torch.no_grad():
-                    model.generate(**sub, max_new_tokens=steps, min_new_tokens=steps,
-                                   do_sample=False, pad_token_id=0)
-        sync(device)
-        split = batch * steps / (time.perf_counter() - start)
+                seconds += decode_seconds(model, {n: v[rows_t] for n, v in inputs.items()},
+                                          steps, device)
+        split = batch * steps / seconds
         out.append({"K": k, "batch": batch, "shared_vector_tps": shared, "bank_fused_tps": fused,
                     "split_per_task_hooks_tps": split, "bank_vs_shared": fused / shared,
                     "split_vs_shared": split / shared, "status": "ok"})

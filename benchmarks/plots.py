@@ -27,7 +27,8 @@ def _vs_shots(ax, rows, key, ylabel, title):
     for mode, value in _flat(rows, key).items():
         ax.axhline(value, color=_COLORS[mode[0]], ls="-" if mode[0] == "b" else "--", lw=2,
                    label=mode[3:] + " (zero-shot)")
-    ymax = max([r[key] for r in ok] + list(_flat(rows, key).values()) or [1])
+    values = [v for v in [r[key] for r in ok] + list(_flat(rows, key).values()) if v > 0]
+    ymin, ymax = (min(values), max(values)) if values else (0.1, 1.0)
     top = ymax * 1.4
     for r in icl:
         if r.get("status") != "ok":
@@ -37,7 +38,7 @@ def _vs_shots(ax, rows, key, ylabel, title):
                         ha="center", fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xticks([r["shots"] for r in icl], [str(r["shots"]) for r in icl])
-    ax.set_ylim(top=top * 1.6)
+    ax.set_ylim(ymin / 1.5, top * 1.6)
     ax.set_yscale("log")
     ax.set_xlabel("demonstrations in the prompt (shots)")
     ax.set_ylabel(ylabel)
