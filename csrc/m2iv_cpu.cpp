@@ -46,6 +46,27 @@ void check_rows(const char* name, const Tensor& t, int64_t R, int64_t C) {
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
+void check_rmsnorm_bwd(const Tensor& grad_normed, const OptTensor& grad_residual,
+                       const Tensor& new_residual, const Tensor& rstd, const Tensor& weight,
+                       const OptTensor& mask, const OptTensor& index, int64_t rows_per_seq) {
+  TORCH_CHECK(new_residual.dim() == 2 && new_residual.is_contiguous(),
+              "m2iv_ext: new_residual must be a contiguous [R, C] tensor");
+  const int64_t R = new_residual.size(0), C = new_residual.size(1);
+  check_rows("new_residual", new_residual, R, C);
+  check_rows("grad_normed", grad_normed, R, C);
+  const auto dt = new_residual.scalar_type();
+  TORCH_CHECK(grad_normed.scalar_type() == dt, "m2iv_ext: grad_normed dtype must match");
+  if (grad_residual) {
+    check_rows("grad_residual", *grad_residual, R, C);
+    TORCH_CHECK(grad_residual->scalar_type() == dt, "m2iv_ext: grad_residual dtype must match");
+  }
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == R,
+              "m2iv_ext: rstd must be a contiguous float32 [R] tensor");
+  TORCH_CHECK(weight.numel() == C && weight.is_contiguous(),
+              "m2iv_ext: weight must be a contiguous [", C, "] tensor");
+  check_meta(mask, index, R, rows_per_seq);
+}
+
 void check_meta(const OptTensor& mask, const OptTensor& index, int64_t R, int64_t rows_per_seq) {
   TORCH_CHECK(rows_per_seq >= 1, "m2iv_ext: rows_per_seq must be >= 1");
   if (mask) {
@@ -816,20 +837,10 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
                                                bool need_dw, const OptTensor& mask,
                                                const OptTensor& index, int64_t rows_per_seq,
                                                int64_t n_bank) {
-  TORCH_CHECK(new_residual.dim() == 2 && new_residual.is_contiguous(),
-              "m2iv_ext: new_residual must be a contiguous [R, C] tensor");
+  check_rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight, mask, index,
+                    rows_per_seq);
   const int64_t R = new_residual.size(0), C = new_residual.size(1);
-  check_rows("new_residual", new_residual, R, C);
-  check_rows("grad_normed", grad_normed, R, C);
   const auto dt = new_residual.scalar_type();
-  TORCH_CHECK(grad_normed.scalar_type() == dt, "m2iv_ext: grad_normed dtype must match");
-  if (grad_residual) {
-    check_rows("grad_residual", *grad_residual, R, C);
-    TORCH_CHECK(grad_residual->scalar_type() == dt, "m2iv_ext: grad_residual dtype must match");
-  }
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == R,
-              "m2iv_ext: rstd must be a contiguous float32 [R] tensor");
-  check_meta(mask, index, R, rows_per_seq);
   Tensor dy = at::empty({R, C}, new_residual.options());
   Tensor g = at::zeros({n_bank, C}, new_residual.options().dtype(at::kFloat));
   Tensor dw = need_dw ? at::zeros({C}, g.options()) : at::empty({0}, g.options());

@@ -138,22 +138,9 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
                                                bool need_dw, const OptTensor& mask,
                                                const OptTensor& index, int64_t rows_per_seq,
                                                int64_t n_bank) {
-  TORCH_CHECK(new_residual.dim() == 2 && new_residual.is_contiguous(),
-              "m2iv_ext: new_residual must be a contiguous [R, C] tensor");
+  check_rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight, mask, index,
+                    rows_per_seq);
   const int64_t R = new_residual.size(0), C = new_residual.size(1);
-  check_rows("new_residual", new_residual, R, C);
-  check_rows("grad_normed", grad_normed, R, C);
-  const auto dt = new_residual.scalar_type();
-  TORCH_CHECK(grad_normed.scalar_type() == dt, "m2iv_ext: grad_normed dtype must match");
-  if (grad_residual) {
-    check_rows("grad_residual", *grad_residual, R, C);
-    TORCH_CHECK(grad_residual->scalar_type() == dt, "m2iv_ext: grad_residual dtype must match");
-  }
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == R,
-              "m2iv_ext: rstd must be a contiguous float32 [R] tensor");
-  TORCH_CHECK(weight.numel() == C && weight.is_contiguous(),
-              "m2iv_ext: weight must be a contiguous [", C, "] tensor");
-  check_meta(mask, index, R, rows_per_seq);
   on_device(new_residual,
             {&grad_normed, opt(grad_residual), &rstd, &weight, opt(mask), opt(index)});
   const c10::cuda::CUDAGuard guard(new_residual.device());

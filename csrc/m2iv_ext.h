@@ -43,6 +43,9 @@ int runtime_version();  // CUDART_VERSION the CUDA part was compiled with
 void check_steer(const Tensor& x, const OptTensor& residual, const Tensor& out,
                  const Tensor& vectors, const Tensor& gates, const OptTensor& mask,
                  const OptTensor& index, int64_t rows_per_seq);
+void check_rmsnorm_bwd(const Tensor& grad_normed, const OptTensor& grad_residual,
+                       const Tensor& new_residual, const Tensor& rstd, const Tensor& weight,
+                       const OptTensor& mask, const OptTensor& index, int64_t rows_per_seq);
 void check_rows(const char* name, const Tensor& t, int64_t R, int64_t C);
 void check_meta(const OptTensor& mask, const OptTensor& index, int64_t R, int64_t rows_per_seq);
 

@@ -528,7 +528,9 @@ class PatchHandle:
                                f"hidden states {tuple(x.shape[:2])} of a steered layer")
         dev = self._mask_dev.get(x.device, _MISSING)
         if dev is _MISSING:
-            dev = self._mask_dev[x.device] = mask.to(x.device)
+            # float32 once per forward and device: the kernels' own layout, so no steered
+            # layer converts the mask again (row_meta's .to/.contiguous become no-ops)
+            dev = self._mask_dev[x.device] = mask.to(x.device, torch.float32)
         return dev
 
     def _compute_mask(self, sig: inspect.Signature | None, args, kwargs) -> torch.Tensor | None:

@@ -19,17 +19,13 @@ from .backends import kernels
 __all__ = ["call"]
 
 
-def _rows(mask, index, rows_per_seq: int, n_bank: int) -> Rows:
-    return Rows(mask, index, rows_per_seq, n_bank)
-
-
 @torch.library.custom_op("m2iv_kernels::steer_fwd", mutates_args=())
 def _steer_fwd(x: torch.Tensor, residual: torch.Tensor | None, vectors: torch.Tensor,
                gates: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
                rows_per_seq: int, backend: str) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     kernels(backend).steer_fwd(x, residual, out, vectors, gates,
-                               _rows(mask, index, rows_per_seq, vectors.shape[0]))
+                               Rows(mask, index, rows_per_seq, vectors.shape[0]))
     return out
 
 
@@ -41,7 +37,7 @@ def _(x, residual, vectors, gates, mask, index, rows_per_seq, backend):
 @torch.library.custom_op("m2iv_kernels::steer_colsum", mutates_args=())
 def _steer_colsum(grad: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
                   rows_per_seq: int, n_bank: int, backend: str) -> torch.Tensor:
-    return kernels(backend).steer_colsum(grad, _rows(mask, index, rows_per_seq, n_bank))
+    return kernels(backend).steer_colsum(grad, Rows(mask, index, rows_per_seq, n_bank))
 
 
 @_steer_colsum.register_fake
@@ -56,7 +52,7 @@ def _rmsnorm_fwd(residual: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernels(backend).rmsnorm_fwd(residual, x, vectors, gates, weight, eps,
                                         weight_offset,
-                                        _rows(mask, index, rows_per_seq, vectors.shape[0]))
+                                        Rows(mask, index, rows_per_seq, vectors.shape[0]))
 
 
 @_rmsnorm_fwd.register_fake
@@ -74,7 +70,7 @@ def _rmsnorm_bwd(grad_normed: torch.Tensor, grad_residual: torch.Tensor | None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dy, dw, g = kernels(backend).rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd,
                                              weight, weight_offset, need_dw,
-                                             _rows(mask, index, rows_per_seq, n_bank))
+                                             Rows(mask, index, rows_per_seq, n_bank))
     return dy, (dw if dw is not None else g.new_empty(0)), g
 
 
