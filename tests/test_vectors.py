@@ -10,7 +10,7 @@ import torch
 from m2iv import (M2IV, IncompatibleVectorsError, M2IVError, UnsupportedModelError,
                   VectorsFormatError, VectorsMismatchError)
 from m2iv.vectors import FORMAT_VERSION, METADATA_KEY
-from tests.tiny_models import build
+from m2iv.testing import build
 
 L, H, DH, D = 3, 4, 8, 32
 

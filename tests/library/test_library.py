@@ -15,7 +15,8 @@ import torch
 
 from m2iv.errors import IncompatibleVectorsError, VectorsFormatError, VectorsMismatchError
 from m2iv.library import (ControlVectorFormatError, EntryNotFoundError, LibraryError,
-                          LibraryIntegrityError, ModelSpec, UnsafePathError, VLibrary, store)
+                          LibraryIntegrityError, ModelSpec, UnsafePathError, VLibrary, files,
+                          index)
 from m2iv.library import gguf_io
 from m2iv.task_embedding import embed_examples, embed_task
 from m2iv.vectors import M2IV
@@ -375,7 +376,7 @@ def test_failed_commit_rolls_back_in_process(lib, monkeypatch):
     def boom(conn):
         raise sqlite3.OperationalError("disk I/O error (simulated)")
 
-    monkeypatch.setattr(store, "_commit", boom)
+    monkeypatch.setattr(index, "commit", boom)
     with pytest.raises(sqlite3.OperationalError, match="simulated"):
         lib.add(vec(1), "lost")
     monkeypatch.undo()
@@ -387,7 +388,7 @@ def test_failed_commit_rolls_back_in_process(lib, monkeypatch):
 
 def _crash_at_commit(root: str) -> None:
     lib = VLibrary(root)
-    store._commit = lambda conn: os._exit(17)  # die after rename + INSERT, before COMMIT
+    index.commit = lambda conn: os._exit(17)  # die after rename + INSERT, before COMMIT
     lib.add(vec(1), "crashed")
 
 
@@ -450,9 +451,9 @@ def test_crash_while_staging_leaves_only_stale_temp(tmp_path, monkeypatch):
     assert _run_child(_crash_while_staging, root) == 18
     lib = VLibrary(root)
     assert len(lib) == 0 and os.listdir(os.path.join(root, "vectors")) == []
-    monkeypatch.setattr(store, "STAGE_GRACE_S", 1e9)
+    monkeypatch.setattr(files, "STAGE_GRACE_S", 1e9)
     assert len(lib.verify(repair=True).in_progress) == 1  # too young to judge: left alone
-    monkeypatch.setattr(store, "STAGE_GRACE_S", 0.0)
+    monkeypatch.setattr(files, "STAGE_GRACE_S", 0.0)
     rep = lib.verify()
     assert len(rep.stale_temp) == 1 and not rep.clean
     assert lib.verify(repair=True).healthy
@@ -462,7 +463,7 @@ def test_crash_while_staging_leaves_only_stale_temp(tmp_path, monkeypatch):
 def test_live_staging_is_never_reaped(lib, monkeypatch):
     fcntl = pytest.importorskip("fcntl")
 
-    monkeypatch.setattr(store, "STAGE_GRACE_S", 0.0)
+    monkeypatch.setattr(files, "STAGE_GRACE_S", 0.0)
     d = os.path.join(lib.root, "tmp", "ab" * 16)
     os.mkdir(d)
     fd = os.open(os.path.join(d, "lock"), os.O_CREAT | os.O_RDWR)
@@ -837,7 +838,7 @@ def test_embed_task_is_the_mean_hidden_state(tiny_llama):
 
 
 def test_embed_task_on_an_lvlm_with_images():
-    from tests.tiny_models import IMAGE_TOKEN, build
+    from m2iv.testing import IMAGE_TOKEN, build
 
     model = build("llava")
     n_img = 4  # 28x28 image, 14x14 patches

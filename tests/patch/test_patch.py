@@ -1,9 +1,8 @@
 """patch_model on every supported family (tiny random-weight models, CPU).
 
-The reference (``HookReference``) applies DESIGN.md section 1 literally with plain PyTorch
-forward hooks: a forward pre-hook adds ``m * alpha * a`` to the o_proj input, a forward hook
-adds ``m * beta * b`` to the MLP branch output. It never calls ``m2iv_kernels`` and locates the
-modules on its own (it does not use m2iv.families).
+The reference is :class:`m2iv.testing.HookReference`: DESIGN.md section 1 applied literally
+with plain PyTorch forward hooks. It never calls ``m2iv_kernels`` and locates the modules on
+its own (it does not use m2iv.families).
 """
 from __future__ import annotations
 
@@ -15,14 +14,8 @@ import torch
 import m2iv
 from m2iv import M2IV, UnsupportedModelError, VectorsMismatchError, patch_model, unpatch_model
 from m2iv import patch as patch_mod
-from tests.tiny_models import FAMILIES, IMAGE_TOKEN, build, text_inputs
-
-def assert_rel(actual, expected, tol):
-    """Norm-relative closeness (for reductions and bf16 logits)."""
-    a, e = actual.double(), expected.double()
-    err = float((a - e).norm() / e.norm().clamp_min(1e-12))
-    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
-
+from m2iv.testing import FAMILIES, IMAGE_TOKEN, HookReference, build, decoder_layers, text_inputs
+from tests.helpers import assert_norm_close
 
 ATOL = 2e-5  # fp32 logits: fused ops round once, the reference per op
 _MODELS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
@@ -45,61 +38,9 @@ def _unpatch_everything():
         unpatch_model(model)
 
 
-# ---------------------------------------------------------------------- the hook reference
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for path in ("model.language_model.layers", "model.text_model.layers", "model.layers",
-                 "language_model.layers", "layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise AssertionError("no decoder layers found")
-
-
-class HookReference:
-    """DESIGN.md section 1 with forward hooks. ``mask``: [B, T] per forward (or None);
-    ``index``: bank row per sequence."""
-
-    def __init__(self, model, vectors: M2IV, *, strength=1.0, mask=None, index=None):
-        self.model, self.v, self.s, self.mask, self.index = model, vectors, strength, mask, index
-        self.hooks = []
-
-    def _m(self, x):
-        if self.mask is None:
-            return 1.0
-        return self.mask.to(x.dtype)[..., None]
-
-    def _pick(self, t):  # [N, ...] bank rows per sequence -> [B, 1, ...]
-        if not self.v.is_bank:
-            return t
-        return t[torch.as_tensor(self.index)][:, None]
-
-    def __enter__(self):
-        layers = decoder_layers(self.model)
-        v = self.v
-        for slot, i in enumerate(v.layers):
-            layer = layers[i]
-            take = (lambda t: t[:, slot]) if v.is_bank else (lambda t: t[slot])
-            a = (take(v.mha_gates)[..., None] * take(v.mha)).flatten(-2) * self.s
-            b = take(v.mlp_gates)[..., None] * take(v.mlp) * self.s
-
-            def pre(mod, args, a=a):
-                x = args[0]
-                return (x + self._m(x) * self._pick(a).to(x.dtype),) + args[1:]
-
-            def post(mod, args, out, b=b):
-                return out + self._m(out) * self._pick(b).to(out.dtype)
-
-            branch_end = getattr(layer, "post_feedforward_layernorm", None) or layer.mlp
-            self.hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
-            self.hooks.append(branch_end.register_forward_hook(post))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
+def layer(model, i: int) -> torch.nn.Module:
+    """Decoder layer ``i``, found by the reference (not by m2iv)."""
+    return decoder_layers(model)[i][0]
 
 
 def logits(model, ids, **kw):
@@ -293,8 +234,7 @@ def test_strength_and_swaps_take_effect_without_repatching():
     # fewer layers: the dropped layer runs its original forward again
     h.set_vectors(only1)
     assert h.layers == (1,)
-    layers = decoder_layers(model)
-    assert "forward" not in layers[0].__dict__ and "forward" in layers[1].__dict__
+    assert "forward" not in layer(model, 0).__dict__ and "forward" in layer(model, 1).__dict__
     torch.testing.assert_close(logits(model, ids), refs["only1"], rtol=0, atol=ATOL)
     with pytest.raises(VectorsMismatchError):
         h.set_vectors(M2IV.random_like(model_for("qwen3")))
@@ -455,8 +395,7 @@ def test_per_layer_placement_uses_the_layer_device():
     """device_map sharding: each layer's vectors go to that layer's parameters' device. On a
     CPU-only machine the 'meta' device stands in for a second device."""
     model = build("llama")
-    layers = decoder_layers(model)
-    layers[1].to("meta")
+    layer(model, 1).to("meta")
     v = M2IV.random_like(model_for("llama"), seed=1)
     h = patch_model(model, v, backend="torch")
     try:
@@ -481,32 +420,32 @@ def test_accelerate_style_hook_is_kept():
     _old_forward so the hook still runs, and restore it exactly."""
     model = build("llama")
     ids = text_inputs(1, 5)
-    layer = decoder_layers(model)[0]
+    first = layer(model, 0)
     seen = []
 
     class Hook:  # what accelerate's add_hook_to_module sets up, minus device moves
         pass
 
-    old = layer.forward
+    old = first.forward
 
     def new_forward(module, *args, **kwargs):
         seen.append(1)
         return module._old_forward(*args, **kwargs)
 
-    layer._hf_hook = Hook()
-    layer._old_forward = old
-    layer.forward = functools.update_wrapper(functools.partial(new_forward, layer), old)
-    hooked_forward = layer.forward
+    first._hf_hook = Hook()
+    first._old_forward = old
+    first.forward = functools.update_wrapper(functools.partial(new_forward, first), old)
+    hooked_forward = first.forward
     base = logits(model, ids)
     v = M2IV.random_like(model, seed=2)
     with HookReference(model, v):
         ref = logits(model, ids)
     seen.clear()
     with m2iv.steer(model, v, backend="torch"):
-        assert layer.forward is hooked_forward and layer._old_forward is not old
+        assert first.forward is hooked_forward and first._old_forward is not old
         torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=ATOL)
     assert seen
-    assert layer._old_forward is old and layer.forward is hooked_forward
+    assert first._old_forward is old and first.forward is hooked_forward
     assert torch.equal(logits(model, ids), base)
 
 
@@ -618,8 +557,8 @@ def test_bf16(family):
         out = logits(model, ids)
     with m2iv.steer(model, v, backend="triton"):
         out_t = logits(model, ids)
-    assert_rel(out, ref, 2e-2)
-    assert_rel(out_t, ref, 2e-2)
+    assert_norm_close(out, ref, 2e-2)
+    assert_norm_close(out_t, ref, 2e-2)
 
 
 def _grads(model, v, ids, use_patch, backend="torch"):
@@ -644,7 +583,7 @@ def test_training_gradients_reach_the_vectors(family, backend):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     for g, r in zip(grads, ref_grads):
         assert g is not None and g.abs().sum() > 0
-        assert_rel(g, r, 1e-5)
+        assert_norm_close(g, r, 1e-5)
 
 
 def test_training_with_gradient_checkpointing():
@@ -661,12 +600,12 @@ def test_training_with_gradient_checkpointing():
     params = [t.detach().clone().requires_grad_(True) for t in v.tensors().values()]
     w = M2IV(*params, v.layers, v.meta)
     calls = []
-    layer = decoder_layers(model)[0]
-    orig = layer.input_layernorm.forward
-    layer.input_layernorm.forward = lambda x: (calls.append(1), orig(x))[1]
+    first = layer(model, 0)
+    orig = first.input_layernorm.forward
+    first.input_layernorm.forward = lambda x: (calls.append(1), orig(x))[1]
     with m2iv.steer(model, w, positions=mask, backend="torch"):
         model(input_ids=ids).logits.pow(2).mean().backward()
-    del layer.input_layernorm.forward
+    del first.input_layernorm.forward
     assert len(calls) == 2  # forward + checkpoint replay in backward
     (getattr(model, "activation_checkpointing_disable", None)
      or model.gradient_checkpointing_disable)()
@@ -675,7 +614,7 @@ def test_training_with_gradient_checkpointing():
     with HookReference(model, M2IV(*ref_params, v.layers, v.meta), mask=mask):
         model(input_ids=ids).logits.pow(2).mean().backward()
     for p, r in zip(params, ref_params):
-        assert_rel(p.grad, r.grad, 1e-5)
+        assert_norm_close(p.grad, r.grad, 1e-5)
 
 
 def test_readme_example(tmp_path):

@@ -1,6 +1,6 @@
 """Tiny random-weight instances of every supported model family, built offline from configs.
 
-    from tests.tiny_models import FAMILIES, build, text_inputs
+    from m2iv.testing import FAMILIES, build, text_inputs
     model = build("llava")            # eval mode, fp32, seeded weights
     ids = text_inputs(model, batch=2, seq=7)
 
