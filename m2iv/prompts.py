@@ -41,6 +41,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .data import DataError, Item
+from .families import family_of
 
 __all__ = ["EncodedBatch", "PromptBuilder", "HFPromptBuilder", "TestbedPromptBuilder",
            "make_prompt_builder", "image_placeholder"]
@@ -183,25 +184,25 @@ def _finish(rows_ids: list[list[int]], extra: dict, answers: list[list[int]] | N
 
 
 # ---------------------------------------------------------------------------- HF processors
-_QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-
 def _model_type(model_or_config) -> str | None:
     cfg = getattr(model_or_config, "config", model_or_config)
     return getattr(cfg, "model_type", None)
 
 
 def image_placeholder(processor, model_type: str | None = None) -> str:
-    """The text a plain prompt puts where an image goes, for ``processor`` to expand."""
-    qwen_like = model_type is None and hasattr(processor, "vision_start_token")
-    if model_type in _QWEN_FAMILIES or qwen_like:
+    """The text a plain prompt puts where an image goes, for ``processor`` to expand: the
+    family's ``image_placeholder`` fact (:mod:`m2iv.families.table`); without a model type, a
+    processor with a vision start token is taken as Qwen-VL-like."""
+    kind = family_of(model_type).image_placeholder if model_type is not None else (
+        "wrapped" if hasattr(processor, "vision_start_token") else "image_token")
+    if kind == "wrapped":
         tok = processor.tokenizer
         start = getattr(processor, "vision_start_token", None) or getattr(
             tok, "vision_start_token", "<|vision_start|>")
         end = getattr(processor, "vision_end_token", None) or getattr(
             tok, "vision_end_token", "<|vision_end|>")
         return f"{start}{processor.image_token}{end}"
-    if model_type == "gemma3":
+    if kind == "boi":
         return getattr(processor, "boi_token", None) or processor.image_token
     tok = getattr(processor, "image_token", None)
     if not tok:

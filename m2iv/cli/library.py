@@ -24,6 +24,8 @@ import sys
 import warnings
 from typing import Any
 
+from ..vectors import format_layers
+
 __all__ = ["add_parsers"]
 
 
@@ -65,16 +67,9 @@ def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None
             print("  ".join("-" * w for w in widths))
 
 
-def _fmt_layers(layers) -> str:
-    layers = list(layers)
-    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}..{layers[-1]}"
-    return ",".join(map(str, layers))
-
-
 def _entry_row(e) -> list[Any]:
     return [e.ref, e.model_type or "?", f"{e.hidden_size}/{e.num_heads}x{e.head_dim}",
-            f"{_fmt_layers(e.layers)} of {e.num_layers or '?'}", e.task or "",
+            f"{format_layers(e.layers)} of {e.num_layers or '?'}", e.task or "",
             ",".join(e.tags), e.shots if e.shots is not None else "",
             e.embedding_dim or "", e.created.replace("+00:00", "Z")]
 
@@ -318,7 +313,7 @@ def _cmd_export(args) -> int:
         _print_json(report)
     else:
         _notes(report["notes"], False)
-        layers = f", layers {_fmt_layers(report['layers'])}" if report.get("layers") else ""
+        layers = f", layers {format_layers(report['layers'])}" if report.get("layers") else ""
         print(f"exported {report['ref']} to {report['path']} ({report['format']}{layers})")
     return 0
 
@@ -345,7 +340,7 @@ def _cmd_import(args) -> int:
         _print_json(e.to_dict())
     else:
         print(f"imported {args.file} as {e.ref} (MLP-branch vectors, gate 1, layers "
-              f"{_fmt_layers(e.layers)})")
+              f"{format_layers(e.layers)})")
     return 0
 
 

@@ -1,6 +1,6 @@
 """VLibrary: a durable local store of trained M2IV vectors, with GGUF control-vector interop
 (:mod:`.gguf_io`). The API is :class:`~.store.VLibrary`; the SQLite index is :mod:`.index`, the
-files :mod:`.files`, ``verify`` :mod:`.verify`, what vectors fit :mod:`.spec`.
+files :mod:`.files`, ``verify`` :mod:`.verify`, what vectors fit :mod:`m2iv.families.fit`.
 
     from m2iv.library import VLibrary          # also `from m2iv import VLibrary`
     lib = VLibrary("~/m2iv-lib")
@@ -37,7 +37,7 @@ anything else (absolute paths, ``..``, symbolic links) is refused with :class:`U
 """
 from .errors import (ControlVectorFormatError, EntryNotFoundError, LibraryError,
                      LibraryIntegrityError, UnsafePathError)
-from .spec import ModelSpec, incompatibility
+from ..families.fit import ModelSpec, incompatibility
 from .records import Entry, SearchResult, VerifyReport, default_library_path, parse_ref
 from .store import VLibrary
 

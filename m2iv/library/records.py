@@ -17,7 +17,7 @@ import torch
 from ..errors import VectorsFormatError
 from ..vectors import M2IV
 from .errors import LibraryError
-from .spec import ModelSpec
+from ..families.fit import ModelSpec
 
 __all__ = ["Entry", "SearchResult", "VerifyReport", "parse_ref", "default_library_path",
            "as_embedding", "check_name", "check_tags", "opt_int", "to_json", "new_entry"]

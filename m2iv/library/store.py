@@ -22,7 +22,7 @@ from . import files, index
 from .errors import EntryNotFoundError, LibraryError, LibraryIntegrityError, UnsafePathError
 from .records import (Entry, SearchResult, VerifyReport, as_embedding, check_tags,
                       default_library_path, new_entry, parse_ref, to_json)
-from .spec import ModelSpec, incompatibility
+from ..families.fit import ModelSpec, incompatibility
 
 __all__ = ["VLibrary"]
 

@@ -8,11 +8,14 @@ has no meaning, but the image tokens are exactly what the model expects, so prom
 """
 from __future__ import annotations
 
-from ..prompts import _QWEN_FAMILIES, image_placeholder
+from ..families import family_of
+from ..prompts import image_placeholder
 
 __all__ = ["build_offline_processor", "default_chat_template", "LLAVA_CHAT_TEMPLATE",
            "CHATML_CHAT_TEMPLATE"]
 
+_QWEN_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                    "qwen3_vl": "Qwen3VLProcessor"}
 # A LLaVA-1.5-style and a ChatML (Qwen-style) template, for processors built offline.
 LLAVA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -96,9 +99,9 @@ def _no_video(cls):
 
 
 def default_chat_template(processor, model_type: str | None) -> str:
-    """A simple chat template for ``processor``: ChatML for the Qwen families, else LLaVA-1.5's
-    ``USER: ... ASSISTANT: ...`` with the family's image placeholder."""
-    if model_type in _QWEN_FAMILIES:
+    """A simple chat template for ``processor`` in the family's ``chat_format``: ChatML, or
+    LLaVA-1.5's ``USER: ... ASSISTANT: ...`` with the family's image placeholder."""
+    if family_of(model_type).chat_format == "chatml":
         return CHATML_CHAT_TEMPLATE
     return LLAVA_CHAT_TEMPLATE.replace("<image>", image_placeholder(processor, model_type))
 
@@ -165,7 +168,7 @@ def build_offline_processor(model, chat_template: str | None = None):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             chat_template=chat_template,
             vision_aspect_ratio=getattr(cfg, "vision_aspect_ratio", "anyres_max_9"))
-    if mt in _QWEN_FAMILIES:
+    if mt in _QWEN_PROCESSORS:
         specials = {"<|image_pad|>": cfg.image_token_id, "<|video_pad|>": cfg.video_token_id,
                     "<|vision_start|>": cfg.vision_start_token_id,
                     "<|vision_end|>": cfg.vision_end_token_id}
@@ -186,8 +189,7 @@ def build_offline_processor(model, chat_template: str | None = None):
             kw.update(min_pixels=unit * unit, max_pixels=4 * unit * unit,
                       size={"shortest_edge": unit * unit, "longest_edge": 4 * unit * unit})
         ip = _image_processor("Qwen2VLImageProcessor", **kw)
-        cls = _no_video({"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor,
-                         "qwen3_vl": tf.Qwen3VLProcessor}[mt])
+        cls = _no_video(getattr(tf, _QWEN_PROCESSORS[mt]))
         return cls(image_processor=ip, tokenizer=tok, video_processor=None,
                    chat_template=chat_template)
     if mt == "gemma3":

@@ -278,12 +278,12 @@ def test_compose_and_stack_refuse_incompatible(lib, tiny_llama):
     lib.add(vec(4, d=64, h=8), "wide")
     lib.add(M2IV.stack([vec(5), vec(6)]), "bank")
     with pytest.raises(IncompatibleVectorsError,
-                       match=r"cannot combine a:1 with one_layer:1: one_layer:1 covers layers "
-                             r"\[1\], a:1 \[0, 1\]"):
+                       match=r"cannot combine a:1 with one_layer:1: they cover different layers "
+                             r"\(one_layer:1 \[1\], a:1 \[0, 1\]\)"):
         lib.compose({"a": 1, "one_layer": 1})
     with pytest.raises(IncompatibleVectorsError, match="model type 'mistral'"):
         lib.compose({"a": 1, "mistral": 1})
-    with pytest.raises(IncompatibleVectorsError, match="hidden size differs"):
+    with pytest.raises(IncompatibleVectorsError, match="hidden_size differs"):
         lib.stack(["a", "wide"])
     with pytest.raises(IncompatibleVectorsError, match="is a bank"):
         lib.compose({"bank": 1})
@@ -320,7 +320,7 @@ def test_incompatible_model_refusal(lib, tiny_llama):
     lib.add(vec(2, model_type="mistral"), "mistral")  # same shapes, other model family
     lib.add(vec(3, num_layers=4, layers=(2, 3)), "deep")
     lib.add(vec(4), "ok")
-    for ref, why in (("wide", "hidden size differs"), ("mistral", "model type 'mistral'"),
+    for ref, why in (("wide", "hidden_size differs"), ("mistral", "model type 'mistral'"),
                      ("deep", "deep:1 was made for a model with 4 decoder layers, the model "
                               "has 2")):
         with pytest.raises(VectorsMismatchError, match=why):
