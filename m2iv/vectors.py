@@ -13,6 +13,9 @@ serve several tasks (``handle.select(index)``).
 File format (``save`` / ``load``): safetensors with four tensors ``mha``, ``mha_gates``,
 ``mlp``, ``mlp_gates`` and one header metadata entry ``"m2iv"``: a JSON object holding
 ``meta`` plus ``"layers"`` (the covered decoder-layer indices). Never pickle.
+
+(Over 500 lines on purpose: one public class whose every constructor, combinator and file path
+shares the same validation rules, which read best in one place.)
 """
 from __future__ import annotations
 
