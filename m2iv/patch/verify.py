@@ -144,14 +144,18 @@ def _rms(t: torch.Tensor) -> float:
 @contextlib.contextmanager
 def _visible_dropouts(spec: LayerSpec) -> Iterator[None]:
     """Each residual dropout with ``p > 0`` multiplies by its own constant meanwhile."""
-    rebinds = []
-    for k, drop in enumerate(spec.parts.dropouts.values()):
-        if drop.p > 0:
-            factor = 0.5 + 0.25 * k
-            rb = Rebind(drop, lambda original, f=factor: (lambda module, x: x * f))
-            rb.install()
-            rebinds.append(rb)
+    rebinds = [Rebind(drop, lambda original, f=0.5 + 0.25 * k: (lambda module, x: x * f))
+               for k, drop in enumerate(spec.parts.dropouts.values()) if drop.p > 0]
+    with _installed(rebinds):
+        yield
+
+
+@contextlib.contextmanager
+def _installed(rebinds: list[Rebind]) -> Iterator[None]:
+    """The rebinds installed meanwhile; whatever was installed is undone, even on failure."""
     try:
+        for rb in rebinds:
+            rb.install()
         yield
     finally:
         for rb in reversed(rebinds):
@@ -260,13 +264,8 @@ def _check(info: ModelInfo, spec: LayerSpec, args: tuple, kwargs: dict,
             rebinds = [Rebind(layer, make_layer_forward(probe, spec, info.attn_drop_kwargs))]
             if mode == "head":
                 rebinds.append(Rebind(o_proj, make_o_proj_forward(probe, spec.index)))
-            for rb in rebinds:
-                rb.install()
-            try:
+            with _installed(rebinds):
                 got = _first(layer(x, *rest, **kwargs))
-            finally:
-                for rb in reversed(rebinds):
-                    rb.uninstall()
             diff = (got.double() - want.double()).norm()
             errors[mode] = float(diff / (want.double() - x.double()).norm().clamp_min(1e-30))
     return errors

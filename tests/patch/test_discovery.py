@@ -18,6 +18,8 @@ from m2iv.patch import rebind
 from m2iv.testing import FAMILIES, build, decoder_layers, text_inputs
 from m2iv.testing.models import STRUCTURAL
 
+from .common import assert_untouched, snapshot
+
 # architecture -> (layer class, style, mode in mha_mode="auto")
 EXPECTED = {
     "llama": ("LlamaDecoderLayer", "pre_norm", "fold"),
@@ -82,23 +84,6 @@ def test_structural_architectures_need_no_table_row():
         model = build(family)
         types = {model.config.model_type, model.config.get_text_config().model_type}
         assert not types & named, family
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: dict(m.__dict__) .get("forward") for n, m in model.named_modules()},
-            {n: len(m._forward_hooks) + len(m._forward_pre_hooks)
-             for n, m in model.named_modules()})
-
-
-def assert_untouched(model, snap, ids, base):
-    state, forwards, hooks = snapshot(model)
-    assert state.keys() == snap[0].keys() and all(torch.equal(state[k], snap[0][k])
-                                                  for k in state)
-    assert forwards == snap[1] and hooks == snap[2]
-    assert not any(m in rebind.OWNER for m in model.modules())
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, base)
 
 
 def _refused(model, match):
