@@ -1,13 +1,16 @@
-"""Tiny random-weight instances of every supported model family, built offline from configs.
+"""Tiny random-weight instances of real transformers model classes, built offline from configs:
+the families of m2iv's family table (:data:`NAMED`) and architectures m2iv recognises
+structurally, with no table row (:data:`STRUCTURAL`); :data:`FAMILIES` is both.
 
     from m2iv.testing import FAMILIES, build, text_inputs
     model = build("llava")            # eval mode, fp32, seeded weights
-    ids = text_inputs(model, batch=2, seq=7)
+    ids = text_inputs(batch=2, seq=7)
 
-Every model has hidden size 32 (Gemma 3: 32), 2 decoder layers (Mllama: 3, one of them
-cross-attention), a vocabulary of 256 whose ids 250..253 are the special image/video tokens,
-and where there is one a vision tower of one layer. ``text_inputs`` never draws the special
-ids, so plain text runs through every LVLM.
+Every model has hidden size 32, 2 decoder layers (Mllama: 3, one of them cross-attention), a
+vocabulary of 256 whose ids 250..253 are the special image/video tokens, and where there is one
+a vision tower of one layer. ``text_inputs`` never draws the special ids, so plain text runs
+through every LVLM. The structural architectures get random norm weights, so that a layer body
+using one norm in place of another cannot pass a test.
 """
 from __future__ import annotations
 
