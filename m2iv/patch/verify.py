@@ -182,10 +182,11 @@ class _Probe:
 
 def _float32_copy(spec: LayerSpec) -> LayerSpec | None:
     """``spec`` on a float32 copy of its layer (None where a copy cannot stand in for it:
-    offloaded, quantised or non-float weights)."""
+    offloaded, quantised or non-float weights, or instance-level forwards)."""
     layer = spec.module
-    if any(hasattr(m, "_hf_hook") for m in layer.modules()) or not all(
-            p.is_floating_point() and p.device.type != "meta" for p in layer.parameters()):
+    if any(hasattr(m, "_hf_hook") or "forward" in m.__dict__ for m in layer.modules()) \
+            or not all(p.is_floating_point() and p.device.type != "meta"
+                       for p in layer.parameters()):
         return None
     try:
         work = copy.deepcopy(layer).float()

@@ -91,3 +91,21 @@ def test_explicit_positions_under_generate(family, kind):
     with HookReference(model, v, mask=m):
         ref = logits(model, seqs)
     torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["paligemma", "idefics2"])
+def test_positions_text_on_lvlms_found_structurally(family):
+    """No family-table row: the image tokens come from the config, the layers from structure."""
+    model = model_for(family)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[IMAGE_TOKEN] * 4 + [1, 5, 7, 8], [IMAGE_TOKEN] * 4 + [1, 9, 10, 11]])
+    images = {"paligemma": dict(pixel_values=torch.randn(2, 3, 28, 28, generator=g),
+                                token_type_ids=torch.zeros_like(ids)),
+              "idefics2": dict(pixel_values=torch.randn(2, 1, 3, 28, 28, generator=g))}[family]
+    v = M2IV.random_like(model, seed=1)
+    with HookReference(model, v, mask=ids != IMAGE_TOKEN):
+        ref = logits(model, ids, **images)
+    with HookReference(model, v):
+        assert not torch.allclose(ref, logits(model, ids, **images), atol=1e-3)
+    with m2iv.steer(model, v, positions="text", backend="torch"):
+        torch.testing.assert_close(logits(model, ids, **images), ref, rtol=0, atol=ATOL)
