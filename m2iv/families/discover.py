@@ -17,12 +17,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UnsupportedModelError, VectorsMismatchError
 from .devices import module_device
 from .table import Family, family_of
+
+if TYPE_CHECKING:  # the style table lives with the patcher, which imports this module
+    from ..patch.styles import Parts
 
 __all__ = ["ModelInfo", "LayerSpec", "describe"]
 
@@ -33,7 +37,7 @@ class LayerSpec:
 
     index: int
     module: torch.nn.Module
-    parts: object  # m2iv.patch.styles.Parts
+    parts: Parts  # the layer's modules in the roles of its style
     attn: torch.nn.Module
     o_proj: torch.nn.Module
     mlp: torch.nn.Module
