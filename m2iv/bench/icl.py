@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from ..testing.reference import add_steering_hooks
-from .common import device_tag, machine_info, print_table, sync, time_ms, write_results
+from .._extras import missing
+from .common import (device_tag, kineto_quiet, machine_info, print_table, sync, time_ms,
+                     write_results)
 from .presets import PRESETS, Preset, apply_overrides, build_model, context_window, make_inputs
 
 SHOTS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -75,7 +77,8 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
+            with kineto_quiet():
+                self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -83,7 +86,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
             return False
-        self.prof.__exit__(*exc)
+        with kineto_quiet():
+            self.prof.__exit__(*exc)
         top = [e for e in self.prof.events() if e.cpu_parent is None and e.cpu_memory_usage]
         running = 0
         for e in sorted(top, key=lambda e: e.time_range.start):
@@ -363,7 +367,10 @@ def main_from_args(args) -> dict:
     js, cs = write_results(stem, rows + [{"mode": "multi-task", **t} for t in tasks], meta,
                            out_dir=out_dir)
     files = [js, cs]
-    if not args.no_plots:
+    no_plots = args.no_plots or missing("matplotlib", "the plots")
+    if isinstance(no_plots, str):
+        print(f"note: {no_plots}; skipped them")
+    elif not no_plots:
         from .plots import plot_icl
 
         files += plot_icl(rows, tasks, preset, meta, out_dir / stem)
