@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from m2iv import M2IVWarning
 from m2iv.cli import main
 from m2iv.library import VLibrary, gguf_io
 from m2iv.vectors import M2IV
@@ -139,6 +140,7 @@ def test_export_import(capsys, root, files, tmp_path):
     code, out, err = run(capsys, root, "export", "a", str(gg), "--model", str(model_dir),
                          "--keep-layer-zero")
     assert code == 0 and "APPROXIMATION" in err and "exported a:1" in out
+    assert "Loading weights" not in err and "it/s" not in err  # no weight-loading bar
     rep = run_json(capsys, root, "export", "a", str(tmp_path / "b.gguf"))
     assert rep["mha"] == "dropped" and rep["layers"] == [1] and rep["dropped_layers"] == [0]
     cv = gguf_io.read_control_vector(tmp_path / "b.gguf")
@@ -172,3 +174,22 @@ def test_wired_into_the_m2iv_command(capsys, root, files):
     assert m2iv_main(["library", "list", "--root", root, "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("["):])[0]["ref"] == "a:1"
+
+
+def test_import_of_another_architecture_warns_in_one_line(capsys, root, files, tmp_path):
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "llama-config"
+    LlamaConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=H,
+                intermediate_size=64, vocab_size=100).save_pretrained(model_dir)
+    gg = tmp_path / "qwen.gguf"
+    gguf_io.write_control_vector(gg, {1: np.ones(D, np.float32)}, "qwen2")
+    code, out, err = run(capsys, root, "import", str(gg), "--name", "cv", "--model",
+                         str(model_dir))
+    assert code == 0 and "imported" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("m2iv library import: warning: ")
+    assert "made for 'qwen2'" in lines[0] and "'llama'" in lines[0]
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    with pytest.warns(M2IVWarning, match="made for 'qwen2'"):  # the Python API: a warning
+        gguf_io.load_control_vector(gg, model=VLibrary(root).entry("cv").model_spec())
