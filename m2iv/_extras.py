@@ -45,7 +45,7 @@ def install_hint(module: str) -> str:
 def _message(module: str, purpose: str) -> str:
     top = module.split(".", 1)[0]
     dist = EXTRAS.get(top, (top, None))[0]
-    return f"{purpose} needs {dist}, which is not installed: {install_hint(module)}"
+    return f"{dist}, needed for {purpose}, is not installed: {install_hint(module)}"
 
 
 def missing(module: str, purpose: str) -> str | None:

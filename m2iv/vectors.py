@@ -223,8 +223,11 @@ class M2IV:
                 "mlp_gates": self.mlp_gates}
 
     def check_finite(self) -> None:
-        """Raise :class:`VectorsFormatError` naming the tensor (and layer) holding NaN or inf."""
+        """Raise :class:`VectorsFormatError` naming the tensor (and layer) holding NaN or inf
+        (tensors on the meta device have no values to check)."""
         for name, t in self.tensors().items():
+            if t.is_meta:
+                continue
             bad = ~torch.isfinite(t.detach())
             if bool(bad.any()):
                 layer_axis = 1 if self.is_bank else 0

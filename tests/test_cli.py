@@ -236,7 +236,7 @@ def test_missing_extra_names_what_to_install(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    with pytest.raises(MissingDependencyError, match=r"the loss plot needs matplotlib, which is "
+    with pytest.raises(MissingDependencyError, match=r"matplotlib, needed for the loss plot, is "
                        r"not installed: pip install 'm2iv\[train\]'"):
         require("matplotlib.pyplot", "the loss plot")
     assert "m2iv[train]" in missing("matplotlib", "the loss plot")
@@ -250,7 +250,8 @@ def test_missing_gguf_names_the_library_extra(monkeypatch, tmp_path):
     from m2iv.library import gguf_io
 
     monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(MissingDependencyError, match=r"GGUF interop needs gguf.*m2iv\[library\]"):
+    with pytest.raises(MissingDependencyError,
+                       match=r"gguf, needed for GGUF interop.*m2iv\[library\]"):
         gguf_io.read_control_vector(tmp_path / "x.gguf")
 
 

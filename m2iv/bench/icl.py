@@ -336,6 +336,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds-long run: 2 shots, K in {1, 4}, tiny timing budgets")
 
 
+def plots_if_possible(rows, tasks, preset: Preset, meta: dict, stem: Path) -> list[Path]:
+    """The PNG plots, or none (said in one line) where matplotlib is not installed: the
+    tables and result files matter more than the pictures."""
+    why = missing("matplotlib", "the plots")
+    if why is not None:
+        print(f"note: {why}; skipped them")
+        return []
+    from .plots import plot_icl
+
+    return plot_icl(rows, tasks, preset, meta, stem)
+
+
 def main_from_args(args) -> dict:
     from .common import results_dir
 
@@ -367,13 +379,8 @@ def main_from_args(args) -> dict:
     js, cs = write_results(stem, rows + [{"mode": "multi-task", **t} for t in tasks], meta,
                            out_dir=out_dir)
     files = [js, cs]
-    no_plots = args.no_plots or missing("matplotlib", "the plots")
-    if isinstance(no_plots, str):
-        print(f"note: {no_plots}; skipped them")
-    elif not no_plots:
-        from .plots import plot_icl
-
-        files += plot_icl(rows, tasks, preset, meta, out_dir / stem)
+    if not args.no_plots:
+        files += plots_if_possible(rows, tasks, preset, meta, out_dir / stem)
     print("\nwrote " + ", ".join(str(f) for f in files))
     return {"rows": rows, "tasks": tasks, "files": files}
 
