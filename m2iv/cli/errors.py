@@ -123,9 +123,10 @@ def _describe(err: BaseException) -> tuple[str, int, bool]:
     return f"unexpected {name}: {_one_line(err)}", EXIT_ERROR, False
 
 
-def _show_warning(prog: str):
+def _show_warning(parser: argparse.ArgumentParser):
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        text = flag_names(" ".join(str(message).split()), parser)
+        print(f"{parser.prog}: warning: {text}", file=sys.stderr)
     return show
 
 
@@ -137,7 +138,7 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
     prog, debug = leaf.prog, debug_enabled(args)
     with warnings.catch_warnings():
         if not debug:
-            warnings.showwarning = _show_warning(prog)
+            warnings.showwarning = _show_warning(leaf)
         try:
             result = func(args)
         except KeyboardInterrupt as err:

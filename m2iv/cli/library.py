@@ -90,10 +90,12 @@ def _entry_row(e) -> list[Any]:
 _ENTRY_COLUMNS = ["ref", "model", "D/HxDh", "layers", "task", "tags", "shots", "emb", "created"]
 
 
-def _notes(notes: list[str], as_json: bool) -> None:
-    if not as_json:
-        for n in notes:
-            print(f"note: {n}", file=sys.stderr)
+def _notes(notes: list[str]) -> None:
+    """Each note as a warning: the command prints it as one line, spelt with its flags."""
+    from ..errors import M2IVWarning
+
+    for n in notes:
+        warnings.warn(n, M2IVWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -368,7 +370,7 @@ def _cmd_export(args) -> int:
     if args.json:
         _print_json(report)
     else:
-        _notes(report["notes"], False)
+        _notes(report["notes"])
         layers = f", layers {format_layers(report['layers'])}" if report.get("layers") else ""
         print(f"exported {report['ref']} to {report['path']} ({report['format']}{layers})")
     return 0

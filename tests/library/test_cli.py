@@ -141,6 +141,10 @@ def test_export_import(capsys, root, files, tmp_path):
                          "--keep-layer-zero")
     assert code == 0 and "APPROXIMATION" in err and "exported a:1" in out
     assert "Loading weights" not in err and "it/s" not in err  # no weight-loading bar
+    code, out, err = run(capsys, root, "export", "a", str(tmp_path / "c.gguf"))
+    assert code == 0 and "DROPPED" in err and "pass --keep-layer-zero" in err
+    assert all(line.startswith("m2iv library export: warning: ")
+               for line in err.strip().splitlines())
     rep = run_json(capsys, root, "export", "a", str(tmp_path / "b.gguf"))
     assert rep["mha"] == "dropped" and rep["layers"] == [1] and rep["dropped_layers"] == [0]
     cv = gguf_io.read_control_vector(tmp_path / "b.gguf")
