@@ -1,4 +1,4 @@
-"""Small random-weight Llama / Qwen2 checkpoints, saved as vLLM loads them (config, weights and a
+"""Small random-weight Llama / Qwen2 / Qwen3 / Mistral checkpoints, saved as vLLM loads them (config, weights and a
 word-level tokenizer), for the serving tests and ``m2iv bench --engine vllm``.
 
 No weights can be downloaded in CI; latency and steering semantics do not depend on weight
@@ -11,7 +11,8 @@ from typing import Any
 
 __all__ = ["save_tiny_model", "FAMILY_CONFIGS"]
 
-FAMILY_CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
+FAMILY_CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                  "mistral": "MistralConfig"}
 _SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
