@@ -17,6 +17,10 @@ A file holding a bank of N vector sets (``M2IV.stack``) under the name ``t`` ser
 Per request::
 
     SamplingParams(extra_args={"m2iv": {"vectors": "formal", "strength": 0.8}})
+    SamplingParams(extra_args={"m2iv": "formal", "m2iv_strength": 0.8})   # flat form
+
+The flat form is what the OpenAI-compatible server can carry (its ``vllm_xargs`` request field
+holds flat values only): ``{"vllm_xargs": {"m2iv": "formal", "m2iv_strength": 0.8}}``.
 
 ``strength`` (default 1) multiplies every gate, as ``patch_model(strength=)`` does; no
 ``"m2iv"`` key, ``"vectors": None`` or strength 0 mean unsteered.
@@ -37,6 +41,7 @@ __all__ = ["ServingConfig", "Steering", "ServingConfigError", "SteeringRequestEr
 
 CONFIG_KEY = "m2iv"  # in additional_config
 REQUEST_KEY = "m2iv"  # in SamplingParams.extra_args
+STRENGTH_KEY = "m2iv_strength"  # the flat form's strength
 PREFIX_POLICIES = ("salt", "off")
 _CONFIG_KEYS = ("vectors", "library", "prefix_caching", "backend")
 _REQUEST_KEYS = ("vectors", "strength")
@@ -182,16 +187,23 @@ def parse_request(extra_args: Any, config: ServingConfig) -> Steering:
         SteeringRequestError: not a dict, unknown keys, an unknown vectors name (the known ones
             are listed), a strength that is not a finite number.
     """
-    if not extra_args or REQUEST_KEY not in extra_args:
+    if not extra_args or (REQUEST_KEY not in extra_args and STRENGTH_KEY not in extra_args):
         return UNSTEERED
-    args = extra_args[REQUEST_KEY]
+    if not isinstance(extra_args, dict):
+        raise SteeringRequestError(f"extra_args must be a dict; got {extra_args!r}")
+    args = extra_args.get(REQUEST_KEY)
+    if STRENGTH_KEY in extra_args:  # the flat form
+        if not isinstance(args, str):
+            raise SteeringRequestError(f'extra_args["{STRENGTH_KEY}"] goes with a vectors name '
+                                       f'in extra_args["m2iv"]; got "m2iv": {args!r}')
+        args = {"vectors": args, "strength": extra_args[STRENGTH_KEY]}
     if args is None:
         return UNSTEERED
-    if isinstance(args, str):  # shorthand: extra_args={"m2iv": "formal"}
+    if isinstance(args, str):  # extra_args={"m2iv": "formal"}
         args = {"vectors": args}
     if not isinstance(args, dict):
         raise SteeringRequestError(f'extra_args["m2iv"] must be {{"vectors": NAME, "strength": '
-                                   f"S}} or a name; got {args!r}")
+                                   f"S}} or a vectors name; got {args!r}")
     unknown = sorted(set(args) - set(_REQUEST_KEYS))
     if unknown:
         raise SteeringRequestError(f'extra_args["m2iv"]: unknown key(s) {unknown}; known: '
