@@ -4,8 +4,9 @@ with K = 1, 4, 32, 256 distinct M2IVs in the same batch, as ratios measured side
 Two engines live in one process over the same model: vLLM without m2iv (the reference) and
 vLLM with a bank of 256 vector sets. Every repetition times one ``generate`` of the whole batch
 (``--requests`` prompts, ``--output-len`` tokens each, greedy, EOS ignored) in every mode, in a
-rotated order, and each mode's per-repetition ratio ``time(plain vLLM) / time(mode)`` is
-reported as median and interquartile range (ratio > 1: faster than plain vLLM). Modes:
+pair with a plain-vLLM run (back to back, order alternating), and each mode's per-pair ratio
+``time(plain vLLM) / time(mode)`` is reported as median and interquartile range (ratio > 1:
+faster than plain vLLM; the output-token throughput ratio). Modes:
 
 * ``m2iv unsteered``: the m2iv engine, no request steered (the cost of having the plugin on);
 * ``K=k``: request ``i`` steered by vector ``i % k`` (``K=1`` is one shared vector: in vLLM a
@@ -38,14 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vllm-size", default="512x4", metavar="HIDDENxLAYERS",
                    help="size of the default random Llama (head_dim 64)")
     g.add_argument("--requests", type=int, default=256, help="requests per batch")
-    g.add_argument("--prompt-len", type=int, default=32)
-    g.add_argument("--output-len", type=int, default=32)
+    g.add_argument("--prompt-len", type=int, default=16)
+    g.add_argument("--output-len", type=int, default=16)
     g.add_argument("--ks", type=int, nargs="+", default=list(KS),
                    help="distinct vector sets per batch")
-    g.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    g.add_argument("--reps", type=int, default=10, help="timed pairs per mode")
     g.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
     g.add_argument("--vllm-dtype", default="float32")
     g.add_argument("--kv-cache-mib", type=int, default=512)
+    g.add_argument("--cpu-threads", type=int, default=1,
+                   help="CPU backend: OpenMP threads vLLM binds (cores 0..N-1); one thread keeps "
+                   "the timing steady on a machine shared with other jobs")
 
 
 def _engine(model: str, args, additional_config=None):
@@ -106,41 +110,58 @@ def run(args) -> tuple[list[dict], dict]:
         modes[f"K={k}"] = (steer, [sp(f"task/{i % k}") for i in range(args.requests)])
 
     def once(name):
+        """(wall seconds, process CPU seconds) of one generate of the whole batch."""
         llm, params = modes[name]
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        dt = time.perf_counter() - t0
+        dt = (time.perf_counter() - w0, time.process_time() - c0)
         assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
         return dt
 
     names = list(modes)
     for name in names:  # warm-up: first-call costs, allocator, caches
         once(name)
+    # each mode is timed right beside a plain-vLLM run (order alternating), so load from other
+    # processes, which drifts over seconds, hits both sides of every ratio alike
     times = {n: [] for n in names}
+    ratios = {n: [] for n in names}
+    cpu_ratios = {n: [] for n in names}
     try:
         from tqdm import tqdm
         reps = tqdm(range(args.reps), desc="vllm bench", unit="rep")
     except ImportError:  # pragma: no cover
         reps = range(args.reps)
     for r in reps:
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no mode always first
-        for name in order:
-            times[name].append(once(name))
+        for j, name in enumerate(names[1:]):
+            if (r + j) % 2:
+                t_mode, t_plain = once(name), once("plain vLLM")
+            else:
+                t_plain, t_mode = once("plain vLLM"), once(name)
+            times[name].append(t_mode[0])
+            times["plain vLLM"].append(t_plain[0])
+            ratios[name].append(t_plain[0] / t_mode[0])
+            cpu_ratios[name].append(t_plain[1] / t_mode[1])
+    ratios["plain vLLM"] = cpu_ratios["plain vLLM"] = [1.0]
     out_tokens = args.requests * args.output_len
     rows_out = []
     for name in names:
-        ratios = [p / t for p, t in zip(times["plain vLLM"], times[name])]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        rs, cs = ratios[name], cpu_ratios[name]
+        q = statistics.quantiles(rs, n=4) if len(rs) > 1 else rs * 3
+        qc = statistics.quantiles(cs, n=4) if len(cs) > 1 else cs * 3
         med_t = statistics.median(times[name])
         rows_out.append({"mode": name, "k": int(name[2:]) if name.startswith("K=") else None,
                          "median_s": med_t, "output_tok_s": out_tokens / med_t,
                          "total_tok_s": args.requests * (args.prompt_len + args.output_len)
-                         / med_t, "ratio_vs_plain": statistics.median(ratios),
-                         "ratio_p25": q[0], "ratio_p75": q[2], "times_s": times[name]})
+                         / med_t, "ratio_vs_plain": statistics.median(rs),
+                         "ratio_p25": q[0], "ratio_p75": q[2],
+                         "cpu_ratio_vs_plain": statistics.median(cs), "cpu_ratio_p25": qc[0],
+                         "cpu_ratio_p75": qc[2], "pairs": len(times[name]),
+                         "times_s": times[name]})
     meta = {"model": model if args.vllm_model else f"random llama {args.vllm_size}",
             "requests": args.requests, "prompt_len": args.prompt_len,
             "output_len": args.output_len, "reps": args.reps, "eager": args.eager,
             "dtype": args.vllm_dtype, "bank_rows": rows,
+            "cpu_threads": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
             "compilation_mode": str(steer.llm_engine.vllm_config.compilation_config.mode),
             "vllm_version": __import__("vllm").__version__}
     return rows_out, meta
@@ -153,19 +174,28 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
     names = [r["mode"] for r in rows]
-    med = [r["ratio_vs_plain"] for r in rows]
-    err = [[m - r["ratio_p25"] for m, r in zip(med, rows)],
-           [r["ratio_p75"] - m for m, r in zip(med, rows)]]
-    ax.bar(names, med, yerr=err, capsize=4, color=["#888"] + ["#4a7"] * (len(rows) - 1))
+    x = np.arange(len(rows))
+    lo = hi = 1.0
+    for off, key, label, color in ((-0.2, "ratio", "wall time", "#4a7"),
+                                   (0.2, "cpu_ratio", "process CPU time", "#47a")):
+        med = np.array([r[f"{key}_vs_plain"] for r in rows])
+        p25 = np.array([r[f"{key}_p25"] for r in rows])
+        p75 = np.array([r[f"{key}_p75"] for r in rows])
+        ax.bar(x + off, med, 0.4, yerr=[med - p25, p75 - med], capsize=3, color=color,
+               label=f"{label} (median, IQR)")
+        lo, hi = min(lo, p25.min()), max(hi, p75.max())
+    ax.set_xticks(x, names)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.95, color="r", lw=0.8, ls="--", label="-5 %")
-    ax.set_ylim(min(0.8, min(r["ratio_p25"] for r in rows) - 0.02),
-                max(1.05, max(r["ratio_p75"] for r in rows) + 0.02))
+    ax.set_ylim(min(0.8, lo - 0.02), max(1.05, hi + 0.02))
     ax.set_ylabel("throughput / plain vLLM")
-    ax.set_title(f"m2iv on vLLM {meta['vllm_version']}: {meta['requests']} requests per batch "
-                 f"({meta['device']})", fontsize=9)
+    mode = "eager" if meta["eager"] else "compiled"
+    ax.set_title(f"m2iv on vLLM {meta['vllm_version']} ({mode}): {meta['requests']} requests per "
+                 f"batch, {meta['device']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -176,6 +206,9 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> Path | None:
 def main_from_args(args) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # both engines in-process
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if args.cpu_threads and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        n = args.cpu_threads
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if n == 1 else f"0-{n - 1}"
     import torch
     from benchmarks.common import device_tag, machine_info, print_table, results_dir, \
         write_results
@@ -187,7 +220,7 @@ def main_from_args(args) -> dict:
     rows, meta = run(args)
     meta = {**machine_info(device), **meta}
     print_table(rows, ["mode", "median_s", "output_tok_s", "ratio_vs_plain", "ratio_p25",
-                       "ratio_p75"])
+                       "ratio_p75", "cpu_ratio_vs_plain", "cpu_ratio_p25", "cpu_ratio_p75"])
     stem = f"vllm-{device_tag(device)}-{time.strftime('%Y-%m-%d')}"
     out_dir = Path(args.out) if getattr(args, "out", None) else results_dir()
     write_results(stem, rows, meta, out_dir)

@@ -5,7 +5,9 @@ from m2iv.cli import main
 
 
 def test_vllm_bench_smoke(tmp_path):
-    assert main(["bench", "--engine", "vllm", "--smoke", "--out", str(tmp_path)]) == 0
+    # --cpu-threads 0: leave vLLM's thread binding to the other engines of this session alone
+    assert main(["bench", "--engine", "vllm", "--smoke", "--cpu-threads", "0", "--out",
+                 str(tmp_path)]) == 0
     (js,) = tmp_path.glob("vllm-*.json")
     doc = json.loads(js.read_text())
     modes = [r["mode"] for r in doc["rows"]]
