@@ -1,13 +1,15 @@
 """``m2iv bench --engine vllm``: throughput of vLLM serving a batch of requests unsteered and
 with K = 1, 4, 32, 256 distinct M2IVs in the same batch, as ratios measured side by side.
 
-Two engines live in one process over the same model: vLLM without m2iv (the reference) and
-vLLM with a bank of 256 vector sets. Every repetition times one ``generate`` of the whole batch
+Three engines live in one process over the same model: vLLM without m2iv (the reference), a
+second one without m2iv (an A/A control) and vLLM with a bank of 256 vector sets. Every repetition times one ``generate`` of the whole batch
 (``--requests`` prompts, ``--output-len`` tokens each, greedy, EOS ignored) in every mode, in a
 pair with a plain-vLLM run (back to back, order alternating), and each mode's per-pair ratio
 ``time(plain vLLM) / time(mode)`` is reported as median and interquartile range (ratio > 1:
 faster than plain vLLM; the output-token throughput ratio). Modes:
 
+* ``plain vLLM (control)``: a second engine without m2iv, timed like the others: its ratio
+  shows the noise and any bias of the method itself (ideally 1);
 * ``m2iv unsteered``: the m2iv engine, no request steered (the cost of having the plugin on);
 * ``K=k``: request ``i`` steered by vector ``i % k`` (``K=1`` is one shared vector: in vLLM a
   shared vector is a bank slot like any other, so it is the same path).
@@ -93,6 +95,7 @@ def run(args) -> tuple[list[dict], dict]:
     workdir = Path(tempfile.mkdtemp(prefix="m2iv-vllm-bench-"))
     model, bank, rows = _model_and_bank(args, workdir)
     plain = _engine(model, args)
+    control = _engine(model, args)  # A/A control: a second plain engine, measured the same way
     steer = _engine(model, args, {"m2iv": {"vectors": {"task": bank}}})
     rng = random.Random(0)
     vocab = plain.llm_engine.model_config.get_vocab_size()
@@ -105,6 +108,7 @@ def run(args) -> tuple[list[dict], dict]:
                               extra_args=extra)
 
     modes = {"plain vLLM": (plain, [sp()] * args.requests),
+             "plain vLLM (control)": (control, [sp()] * args.requests),
              "m2iv unsteered": (steer, [sp()] * args.requests)}
     for k in args.ks:
         modes[f"K={k}"] = (steer, [sp(f"task/{i % k}") for i in range(args.requests)])
@@ -216,7 +220,7 @@ def main_from_args(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(args, "smoke", False):  # seconds: checks the harness, measures nothing
         args.requests, args.prompt_len, args.output_len, args.reps = 8, 8, 4, 1
-        args.ks, args.eager, args.vllm_size, args.kv_cache_mib = [1, 4], True, "128x2", 64
+        args.ks, args.eager, args.vllm_size, args.kv_cache_mib = [1, 4], True, "128x2", 32
     rows, meta = run(args)
     meta = {**machine_info(device), **meta}
     print_table(rows, ["mode", "median_s", "output_tok_s", "ratio_vs_plain", "ratio_p25",

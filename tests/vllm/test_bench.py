@@ -11,7 +11,8 @@ def test_vllm_bench_smoke(tmp_path):
     (js,) = tmp_path.glob("vllm-*.json")
     doc = json.loads(js.read_text())
     modes = [r["mode"] for r in doc["rows"]]
-    assert modes == ["plain vLLM", "m2iv unsteered", "K=1", "K=4"]
+    assert modes == ["plain vLLM", "plain vLLM (control)", "m2iv unsteered", "K=1",
+                     "K=4"]
     assert doc["rows"][0]["ratio_vs_plain"] == 1.0
     assert all(r["output_tok_s"] > 0 for r in doc["rows"])
     assert doc["machine"]["vllm_version"].startswith("0.32")
