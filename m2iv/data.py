@@ -37,7 +37,6 @@ digits, answers given by a label permutation that only the demonstrations reveal
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -541,9 +540,3 @@ def task_info(directory: str | os.PathLike) -> dict:
         with open(p, encoding="utf-8") as f:
             return json.load(f)
     return {}
-
-
-def pil_bytes(image) -> bytes:  # pragma: no cover - small helper for callers
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

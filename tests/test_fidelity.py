@@ -21,7 +21,7 @@ def test_distilled_vectors_beat_zero_shot_on_heldout_map(tmp_path):
     """CI-sized: 16-shot M2IV on heldout0 (~100 eval queries) beats zero-shot by > 25 points."""
     _ckpt_or_skip()
     torch.set_num_threads(1)
-    from m2iv import cli_train
+    from m2iv.cli import train as cli_train
     parser = argparse.ArgumentParser(prog="m2iv")
     cli_train.add_parsers(parser.add_subparsers(dest="command"))
 

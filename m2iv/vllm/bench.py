@@ -214,7 +214,7 @@ def main_from_args(args) -> dict:
         n = args.cpu_threads
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if n == 1 else f"0-{n - 1}"
     import torch
-    from benchmarks.common import device_tag, machine_info, print_table, results_dir, \
+    from ..bench.common import device_tag, machine_info, print_table, results_dir, \
         write_results
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,14 +1,14 @@
-"""``m2iv bench``: the ICL-vs-M2IV benchmark (``benchmarks/icl.py``), or with ``--engine vllm``
-the vLLM serving throughput benchmark (``m2iv/vllm/bench.py``)."""
+"""``m2iv bench``: the ICL-vs-M2IV benchmark (:mod:`m2iv.bench.icl`), or with ``--engine vllm``
+the vLLM serving throughput benchmark (:mod:`m2iv.vllm.bench`)."""
 from __future__ import annotations
 
 import argparse
 
 
-def add_parser(subparsers) -> None:
-    from benchmarks import icl
+def add_parsers(subparsers) -> None:
+    from ..bench import icl
 
-    from .vllm import bench as vllm_bench
+    from ..vllm import bench as vllm_bench
 
     p = subparsers.add_parser("bench", help="M2IV vs k-shot ICL: latency, throughput, memory",
                               description=icl.__doc__,

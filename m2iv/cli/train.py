@@ -50,9 +50,9 @@ def load_model(spec: str | None, data_dir: str | None = None, device: str = "aut
     Hugging Face model directory (``AutoModelForImageTextToText`` + ``AutoProcessor``)."""
     import torch
 
-    from .data import task_info
-    from .prompts import make_prompt_builder
-    from .train.distributed import local_device
+    from ..data import task_info
+    from ..prompts import make_prompt_builder
+    from ..train.distributed import local_device
 
     if spec is None and data_dir:
         spec = task_info(data_dir).get("model")
@@ -62,7 +62,7 @@ def load_model(spec: str | None, data_dir: str | None = None, device: str = "aut
     dev = local_device(device)
     dt = _dtype(dtype)
     if spec in MODEL_PRESETS:
-        from .testbed import load_testbed
+        from ..testbed import load_testbed
 
         variant = "4tok" if spec.endswith("4tok") else "1tok"
         try:
@@ -107,7 +107,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(subparsers) -> None:
     """Register ``train``, ``eval`` and ``data`` on an argparse ``subparsers`` object (each
     sets ``args.func``)."""
-    from .train.baselines import METHODS
+    from ..train.baselines import METHODS
 
     # ---------------------------------------------------------------- train
     p = subparsers.add_parser(
@@ -223,7 +223,7 @@ def _setup_threads(args) -> None:
 
 
 def _cmd_make_digits(args) -> int:
-    from .data import make_digits
+    from ..data import make_digits
 
     t = make_digits(args.dir, label_map=args.map, pool_size=args.pool_size,
                     train_size=args.train_size, eval_size=args.eval_size, seed=args.seed)
@@ -232,7 +232,7 @@ def _cmd_make_digits(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .data import DataError, TaskData
+    from ..data import DataError, TaskData
 
     try:
         t = TaskData.from_dir(args.dir)
@@ -244,7 +244,7 @@ def _cmd_check(args) -> int:
 
 
 def _load_data(path: str):
-    from .data import DataError, load_task
+    from ..data import DataError, load_task
 
     try:
         return load_task(path)
@@ -253,9 +253,9 @@ def _load_data(path: str):
 
 
 def _cmd_train(args) -> int:
-    from .train import distributed as ddp
-    from .train.baselines import TRAINED_METHODS, mean_activation_vectors
-    from .train.distill import Distiller, TrainConfig
+    from ..train import distributed as ddp
+    from ..train.baselines import TRAINED_METHODS, mean_activation_vectors
+    from ..train.distill import Distiller, TrainConfig
 
     _setup_threads(args)
     dist = ddp.init(device=str(ddp.local_device(args.device)))
@@ -326,9 +326,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .train.baselines import mean_activation_vectors
-    from .train.evaluate import compare, format_table
-    from .vectors import M2IV
+    from ..train.baselines import mean_activation_vectors
+    from ..train.evaluate import compare, format_table
+    from ..vectors import M2IV
 
     _setup_threads(args)
     data = _load_data(args.data)
