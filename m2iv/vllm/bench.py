@@ -90,9 +90,13 @@ def _model_and_bank(args, workdir: Path) -> tuple[str, str, int]:
 
 
 def run(args) -> tuple[list[dict], dict]:
+    with tempfile.TemporaryDirectory(prefix="m2iv-vllm-bench-") as workdir:
+        return _run(args, Path(workdir))
+
+
+def _run(args, workdir: Path) -> tuple[list[dict], dict]:
     from vllm import SamplingParams
 
-    workdir = Path(tempfile.mkdtemp(prefix="m2iv-vllm-bench-"))
     model, bank, rows = _model_and_bank(args, workdir)
     plain = _engine(model, args)
     control = _engine(model, args)  # A/A control: a second plain engine, measured the same way
