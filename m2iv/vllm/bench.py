@@ -196,14 +196,16 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> Path | None:
         ax.bar(x + off, med, 0.4, yerr=[med - p25, p75 - med], capsize=3, color=color,
                label=f"{label} (median, IQR)")
         lo, hi = min(lo, p25.min()), max(hi, p75.max())
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, [n.replace(" (", "\n(") for n in names], fontsize=8)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.95, color="r", lw=0.8, ls="--", label="-5 %")
     ax.set_ylim(min(0.8, lo - 0.02), max(1.05, hi + 0.02))
     ax.set_ylabel("throughput / plain vLLM")
     mode = "eager" if meta["eager"] else "compiled"
+    threads = meta.get("cpu_threads")
+    where = f"CPU, vLLM threads bound to cores {threads}" if threads else meta["device"]
     ax.set_title(f"m2iv on vLLM {meta['vllm_version']} ({mode}): {meta['requests']} requests per "
-                 f"batch, {meta['device']}", fontsize=9)
+                 f"batch; {where}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
