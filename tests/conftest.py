@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# the vLLM serving tests run in their own environment (`make test-vllm`), never in this suite
+collect_ignore = ["vllm"]
 import torch  # noqa: E402
 
 # Tiny models and small kernels: on 2 shared cores, extra intra-op threads only contend
