@@ -3,7 +3,7 @@
 // m2iv_cuda.cu implements it and compiles with plain nvcc (no torch headers); the torch binding
 // (m2iv_cuda_bind.cpp) allocates tensors, picks the stream and calls these launchers.
 //
-// Layout (the launcher contract of m2iv_kernels/triton_kernels.py):
+// Layout (the launcher contract of m2iv_kernels/backends.py):
 //   activations  [R, C] rows with unit column stride and row stride `stride_*` (in elements);
 //   vectors      contiguous bank [NB, H, Dh] (C = H * Dh), gates [NB, H];
 //   rows         row r belongs to sequence r / rows_per_seq, whose bank row is index[seq]

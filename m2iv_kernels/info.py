@@ -72,7 +72,7 @@ def _print(info: dict) -> None:
         for backend, ok in entry["backends"].items():
             p(f"  {backend:7s} {'available' if ok is True else 'unavailable: ' + ok}")
     ext = info["extension"]
-    p("\nC++/CUDA extension (csrc/, m2iv_kernels/ext.py)")
+    p("\nC++/CUDA extension (csrc/, built by m2iv_kernels/ext_build.py)")
     if not ext["available"]:
         p(f"  unavailable: {ext['reason']}")
     if ext.get("dir"):

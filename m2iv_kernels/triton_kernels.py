@@ -20,6 +20,7 @@ import triton.language as tl
 from ._checks import Rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FINGERPRINT = "triton:" + triton.__version__
 
 
 @triton.jit
@@ -198,12 +199,13 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Launchers
 
-def steer_fwd(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
-              vectors: torch.Tensor, gates: torch.Tensor, meta: Rows) -> None:
+def steer_fwd(x: torch.Tensor, residual: torch.Tensor | None, vectors: torch.Tensor,
+              gates: torch.Tensor, meta: Rows, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out = [residual +] x + mask * gates * vectors`` on ``[R, C]`` rows (out may be x)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
-        return
+        return out
     n_bank, n_heads, head_dim = vectors.shape
     rows, block_c, warps = _elementwise_tiles(n_rows, n_cols)
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block_c))
@@ -216,6 +218,7 @@ def steer_fwd(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
         meta.rows_per_seq,
         HAS_RES=residual is not None, HAS_MASK=meta.mask is not None,
         HAS_INDEX=meta.index is not None, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+    return out
 
 
 def steer_colsum(grad: torch.Tensor, meta: Rows) -> torch.Tensor:

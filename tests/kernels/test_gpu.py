@@ -7,7 +7,7 @@ import torch
 import m2iv_kernels as mk
 from m2iv_kernels import reference as ref
 
-from .helpers import assert_close
+from ..helpers import assert_close
 
 pytestmark = pytest.mark.gpu
 

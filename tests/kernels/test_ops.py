@@ -11,7 +11,7 @@ import torch
 import m2iv_kernels as mk
 from m2iv_kernels import reference as ref
 
-from .helpers import assert_close, assert_rel
+from ..helpers import assert_close, assert_rel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

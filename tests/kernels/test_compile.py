@@ -1,4 +1,4 @@
-"""The registered ops (``torch.ops.m2iv_kernels.*``) and ``torch.compile`` tracing, on the CPU.
+"""The registered ops (``torch.ops.m2iv_kernels.*``) and ``torch.compile`` tracing.
 
 The launchers are opaque custom ops with fake implementations, so the graph machinery can be
 checked here: ``opcheck`` runs the schema/fake-tensor/autograd-registration checks, and a
@@ -15,7 +15,7 @@ OPS = torch.ops.m2iv_kernels
 
 
 def test_opcheck(backend):
-    import m2iv_kernels.library  # noqa: F401  - registers the ops
+    import m2iv_kernels.custom_ops  # noqa: F401  - registers the ops
 
     x, y = torch.randn(4, 64), torch.randn(4, 64)
     heads, head_gates = torch.randn(1, 2, 32), torch.randn(1, 2)
