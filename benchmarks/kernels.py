@@ -1,6 +1,7 @@
 """Fused steering ops vs the unfused PyTorch sequence a transformers decoder layer runs today.
 
     python -m benchmarks.kernels [--quick] [--device cpu|cuda] [--dtype bf16 fp32 ...]
+                                 [--only ops registry traffic] [--sm 132]
 
 For each op and shape it times the fused op on every available backend against
   * ``unfused``: the same steering as separate PyTorch ops (how hook-based steering runs), and
@@ -11,7 +12,8 @@ interpreter: those times are reported (small shapes only) but say nothing about 
 It also measures what each op-registry mechanism costs per call (the same trivial body through
 pybind, a C++ ``TORCH_LIBRARY`` op, a ``torch.library.Library`` op, a ``custom_op`` and an
 ``autograd.Function``), the numbers behind the choice documented in
-``m2iv_kernels/custom_ops.py``.
+``m2iv_kernels/custom_ops.py``; and a traffic model of the Triton launch plans (DRAM bytes
+moved over the minimum, from the same plans the launchers run; no GPU needed).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PEAK_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
             "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12,
             "RTX 4090": 1.008e12}
-PARTS = ("ops", "registry")
+PARTS = ("ops", "registry", "traffic")
 INTERPRETER_MAX_ROWS = 64  # the interpreter costs ~ per element; keep its rows small
 
 
@@ -189,6 +191,40 @@ def run_registration_overhead(device: torch.device, reps: int = 31, calls: int =
     return out
 
 
+def traffic(case) -> dict:
+    """DRAM bytes one launcher call moves, from its launch plan, against the minimum (every
+    input read once, every output written once). Each tensor argument of a launch counts once
+    (parameters re-read by many programs are served from L2); the fp32 partial sums of the
+    two-stage column reductions (``PART``: written by the first kernel, read by the second)
+    are the difference."""
+    moved, partials, essential = 0, 0, {}
+    for launch in case.launches:
+        for name, arg in launch.args.items():
+            if not isinstance(arg, torch.Tensor):
+                continue
+            nbytes = arg.numel() * arg.element_size()
+            moved += nbytes
+            if name == "PART":
+                partials += nbytes
+            else:
+                essential[id(arg)] = nbytes
+    minimum = sum(essential.values())
+    return {"op": case.op, "rows": case.rows, "D": case.d, "dtype": case.dtype,
+            "variant": case.variant or "-", "min_MB": minimum / 2**20, "moved_MB": moved / 2**20,
+            "partials_MB": partials / 2**20, "moved_over_min": moved / minimum}
+
+
+def run_traffic(n_sm: int) -> list[dict]:
+    """The traffic model over the compile report's table (bf16, D 4096/8192, T=1 and 4096
+    rows, plain and with a bool mask + bank), at the launch plans for ``n_sm`` SMs."""
+    from m2iv_kernels import compile_report as cr
+    from m2iv_kernels.triton_backend import Target
+
+    table = cr.cases(dtypes=("bf16",), masks=("", "mask:bool"), target=Target(False, n_sm))
+    return [traffic(c) for c in table if c.variant.startswith(("mask:bool bank", "dw"))
+            or c.variant in ("", "+grad_res")]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -197,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                    help="run only these parts (default: all)")
+    p.add_argument("--sm", type=int, default=132, help="SMs for the traffic model off a GPU "
+                   "(default 132: H100 SXM)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if args.quick else ["bf16", "fp32"]))]
@@ -222,6 +260,15 @@ def main(argv: list[str] | None = None) -> None:
         print_table(reg, ["mechanism", "us_per_call", "extra_us", "ratio_to_direct", "ratio_p25",
                           "ratio_p75"])
         results += [{"op": "registration", **r} for r in reg]
+    if "traffic" in args.only:
+        n_sm = (torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type == "cuda" else args.sm)
+        tr = run_traffic(n_sm)
+        print(f"\ntraffic model of the Triton launch plans ({n_sm} SMs): DRAM bytes moved / "
+              "minimum")
+        print_table(tr, ["op", "rows", "D", "variant", "min_MB", "moved_MB", "partials_MB",
+                         "moved_over_min"])
+        results += [{"part": "traffic", **r} for r in tr]
     parts = "" if set(args.only) == set(PARTS) else "-" + "-".join(args.only)
     stem = f"kernels-{device_tag(device)}-{dt.date.today().isoformat()}" + (
         "-quick" if args.quick else "") + parts

@@ -76,7 +76,7 @@ class Backend:
 
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend("triton", "m2iv_kernels.triton_kernels", ("cuda", "cpu"), {"cuda": "default"},
+    Backend("triton", "m2iv_kernels.triton_backend", ("cuda", "cpu"), {"cuda": "default"},
             _triton_ready),
     Backend("ext", "m2iv_kernels.ext", ("cpu", "cuda"), {"cpu": "if_faster", "cuda": "if_faster"}),
     Backend("torch", None, (ANY,), {ANY: "default"}),
