@@ -7,8 +7,9 @@ binary: registers, spill bytes, shared memory, whether the bulk global loads and
 128-bit, and whether any atomic instruction is used (column sums must be deterministic).
 
 How each column is read:
-    regs, spills, smem: ``ptxas -v`` (Triton's own ptxas for the arch; ``--ptxas`` or
-        ``TRITON_PTXAS_BLACKWELL_PATH`` to override); smem adds Triton's dynamic shared memory.
+    regs, spills, smem: ``ptxas -v`` on Triton's PTX, with the ptxas Triton uses for the arch
+        (``--ptxas PATH`` sets ``TRITON_PTXAS_PATH``/``TRITON_PTXAS_BLACKWELL_PATH`` for
+        both); smem adds Triton's dynamic shared memory.
     ld/st 128: the widths of the PTX ``ld.global``/``st.global`` whose address derives from
         the launch's ``wide`` arguments (activations, contiguous vectors, weights), traced
         through the PTX from each kernel parameter; for ``.cu`` kernels, the SASS ``LDG``/
@@ -25,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -179,18 +179,11 @@ def ptx_accesses(ptx: str, runtime_args: list[str]) -> tuple[dict, int]:
             continue
         parts = op.split(".")
         vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
-        bits = next(int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bfsu]\d+", p))
+        bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bfsu]\d+", p)), 0)
         addr = re.search(r"\[\s*(%\w+)", operands)
         for arg in origin.get(addr.group(1), {"?"}) if addr else {"?"}:
             acc.setdefault(arg, {"ld": Counter(), "st": Counter()})[kind][vec * bits] += 1
     return acc, atomics
-
-
-def _ptxas_path(arch: int, override: str | None) -> str:
-    if override:
-        return override
-    from triton.backends.nvidia.compiler import get_ptxas
-    return get_ptxas(arch).path
 
 
 def ptxas_info(ptx: str, arch: str, ptxas: str) -> dict:
@@ -230,12 +223,13 @@ def _parse_ptxas(log: str) -> list[dict]:
     return funcs
 
 
-def _compile(job: dict, arch: int, ptxas: str | None) -> dict:
+def _compile(job: dict, arch: int) -> dict:
     """Compile one Triton binary (in a worker process) and read it."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(job["module"]), job["name"])
@@ -244,23 +238,21 @@ def _compile(job: dict, arch: int, ptxas: str | None) -> dict:
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=job["options"])
         ptx = ck.asm["ptx"]
         info = ptxas_info(ptx, f"sm_{arch}a" if arch >= 90 else f"sm_{arch}",
-                          _ptxas_path(arch, ptxas))
+                          get_ptxas(arch).path)
     except Exception as err:  # noqa: BLE001 - reported per binary
         return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}
     acc, atomics = ptx_accesses(ptx, job["runtime_args"])
-    widths = [w for a in job["wide"] for kind in ("ld", "st") for w in acc.get(a, {kind: {}})
-              .get(kind, {})]
+    widths = {w for a in job["wide"] if a in acc for kind in ("ld", "st") for w in acc[a][kind]}
     info.update(smem=info["smem"] + ck.metadata.shared, atomics=atomics,
                 wide_bits=sorted(set(widths)), num_warps=job["options"]["num_warps"],
                 accesses={a: {k: dict(v) for k, v in c.items()} for a, c in acc.items()})
     return info
 
 
-def compile_triton(arch: int = 90, jobs: int | None = None, ptxas: str | None = None,
-                   progress=None, table: list[Case] | None = None, **subset) -> list[dict]:
+def compile_triton(arch: int = 90, jobs: int | None = None, progress=None,
+                   table: list[Case] | None = None, **subset) -> list[dict]:
     """Compile every distinct binary of ``table`` (default: :func:`cases` of ``subset``);
     one row per binary."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction
@@ -271,7 +263,6 @@ def compile_triton(arch: int = 90, jobs: int | None = None, ptxas: str | None = 
     if not isinstance(K._steer_fwd_kernel, JITFunction):
         raise RuntimeError("the compile report needs compiled Triton, not its interpreter: run "
                            "it in a process without TRITON_INTERPRET=1")
-    del triton
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binaries: dict[str, dict] = {}
     if table is None:
@@ -284,8 +275,8 @@ def compile_triton(arch: int = 90, jobs: int | None = None, ptxas: str | None = 
     keys = list(binaries)
     workers = jobs or min(len(keys), os.cpu_count() or 1)
     results = []
-    with ProcessPoolExecutor(workers, initializer=_worker_env) as pool:
-        futures = [pool.submit(_compile, binaries[k]["job"], arch, ptxas) for k in keys]
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_compile, binaries[k]["job"], arch) for k in keys]
         for i, (k, fut) in enumerate(zip(keys, futures)):
             results.append(fut.result())
             if progress:
@@ -298,10 +289,6 @@ def compile_triton(arch: int = 90, jobs: int | None = None, ptxas: str | None = 
                      "case": first.label, "n_cases": len(entry["cases"]),
                      "d_max": max(c.d for c in entry["cases"]), **info})
     return rows
-
-
-def _worker_env() -> None:
-    os.environ.pop("TRITON_INTERPRET", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +314,9 @@ def compile_cuda(arch: int = 90, nvcc: str | None = None) -> list[dict]:
             out = subprocess.run([nvcc, "-c", f"-arch=sm_{arch}", "-Xptxas", "-v", *NVCC_FLAGS,
                                   str(cu), "-o", str(obj)], capture_output=True, text=True)
             if out.returncode:
-                return [{"kernel": cu.name, "error": out.stderr.strip()[-300:]}]
+                rows.append({"kernel": cu.name, "case": cu.name,
+                             "error": out.stderr.strip()[-300:]})
+                continue
             sass = _sass_widths(obj)
         for f in _parse_ptxas(out.stderr):
             name = _demangle(f.pop("function"))

@@ -104,6 +104,9 @@ def _compile_report(args) -> int:
 
     if "triton" not in sys.modules:
         os.environ.pop("TRITON_INTERPRET", None)  # compile for the target, not the interpreter
+        if args.ptxas:
+            os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = \
+                args.ptxas
     from m2iv_kernels import compile_report as cr
 
     arch = int(args.compile.lower().removeprefix("sm_").rstrip("a"))
@@ -115,8 +118,7 @@ def _compile_report(args) -> int:
             print(f"\rcompiled {done}/{total} Triton binaries", end="" if done < total else "\n",
                   file=sys.stderr, flush=True)
 
-    triton_rows = cr.compile_triton(arch, jobs=args.jobs, ptxas=args.ptxas, progress=progress,
-                                    **table)
+    triton_rows = cr.compile_triton(arch, jobs=args.jobs, progress=progress, **table)
     cuda_rows = cr.compile_cuda(arch) if not args.no_cu else []
     rows = triton_rows + cuda_rows
     bad = [(r, p) for r in rows for p in [cr.problems(r)] if p]
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="with --compile: exit 1 on any "
                         "compile error, spill (D <= 8192), atomic or narrow bulk access")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes")
-    parser.add_argument("--ptxas", default=None, help="ptxas to read Triton's PTX with")
+    parser.add_argument("--ptxas", default=None, help="with --compile: the ptxas Triton uses "
+                        "(e.g. the CUDA toolkit's, if Triton's bundled one rejects its PTX)")
     parser.add_argument("--no-cu", action="store_true", help="skip csrc/*.cu")
     args = parser.parse_args(argv)
     if args.compile:

@@ -35,7 +35,8 @@ def _steer_forward(x, residual, vectors, gates, mask, index, inplace: bool, back
     vec, gat = vectors.contiguous(), gates.contiguous()
     x2 = as_rows(x)
     res2 = as_rows(residual) if residual is not None else None
-    if inplace and _same_storage(x2, x):
+    # Dynamo cannot trace storage pointers: a trace takes the functional op + copy_ path
+    if inplace and not torch.compiler.is_compiling() and _same_storage(x2, x):
         kernel.steer_fwd(backend, x2, res2, vec, gat, meta, out=x2)
         return x, meta
     out2 = kernel.steer_fwd(backend, x2, res2, vec, gat, meta)

@@ -9,6 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from m2iv_kernels.backends import BACKENDS, uses_launchers  # noqa: E402 - imports no triton
+
 # Tiny models and small kernels: on 2 shared cores, extra intra-op threads only contend
 # (measured up to 15x slower for the tiny-model training tests).
 torch.set_num_threads(1)
@@ -28,7 +30,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-KERNEL_BACKENDS = ["triton", "ext"]
+KERNEL_BACKENDS = [b.name for b in BACKENDS if uses_launchers(b.name)]  # kernels of their own
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 

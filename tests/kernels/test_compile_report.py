@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from m2iv_kernels import compile_report as cr
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -104,14 +104,19 @@ ADD_SHAPES = [((5,), 123), ((1, 1), 4096), ((2, 7), 80), ((1, 1), 8192), ((1, 10
               ((3, 2, 4), 96)]
 
 
-def _check_add(backend, dtype, lead, d, mask_kind=None, bank_kind=None):
+def _residual_inputs(dtype, lead, d, mask_kind, bank_kind):
+    """(residual, x, vector(s), gate(s), mask, index) leaves for the residual ops."""
     n, index = _bank(bank_kind, lead)
     vshape = (d,) if n is None else (n, d)
     res = _leaf(torch.randn(*lead, d, dtype=dtype))
     x = _leaf(torch.randn(*lead, d, dtype=dtype))
     v = _leaf(torch.randn(vshape, dtype=dtype))
     g = _leaf(torch.randn(vshape[:-1], dtype=dtype))
-    mask = _mask(mask_kind, lead)
+    return res, x, v, g, _mask(mask_kind, lead), index
+
+
+def _check_add(backend, dtype, lead, d, mask_kind=None, bank_kind=None):
+    res, x, v, g, mask, index = _residual_inputs(dtype, lead, d, mask_kind, bank_kind)
     out = mk.steer_add(res, x, v, g, mask=mask, index=index, backend=backend)
     expect = ref.steer_add(res, x, v, g, mask=mask, index=index)
     assert_close(out, expect, dtype)
@@ -141,14 +146,8 @@ def test_steer_add_variants(backend, dtype, mask_kind, bank_kind):
 
 def _check_rms(backend, dtype, lead, d, mask_kind=None, bank_kind=None, offset=0.0,
                use_normed=True, use_residual=True):
-    n, index = _bank(bank_kind, lead)
-    vshape = (d,) if n is None else (n, d)
-    res = _leaf(torch.randn(*lead, d, dtype=dtype))
-    x = _leaf(torch.randn(*lead, d, dtype=dtype))
-    v = _leaf(torch.randn(vshape, dtype=dtype))
-    g = _leaf(torch.randn(vshape[:-1], dtype=dtype))
+    res, x, v, g, mask, index = _residual_inputs(dtype, lead, d, mask_kind, bank_kind)
     w = _leaf(torch.randn(d, dtype=dtype) * 0.5 + 1.0)
-    mask = _mask(mask_kind, lead)
     kw = dict(weight_offset=offset, mask=mask, index=index)
     out = mk.steer_add_rmsnorm(res, x, v, g, w, 1e-6, backend=backend, **kw)
     expect = ref.steer_add_rmsnorm(res, x, v, g, w, 1e-6, **kw)
