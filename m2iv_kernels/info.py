@@ -6,7 +6,8 @@ built (loading it builds it first if needed). ``--json`` prints the same as one 
 
 ``--compile sm_90`` instead compiles every kernel ahead of time for that CUDA target, no GPU
 needed (``compile_report.py``), and prints registers, spills, shared memory and access widths;
-with ``--check`` it exits 1 on a compile error or spill in the supported range.
+with ``--check`` it exits 1 on a compile error, a spill in the supported range, an atomic or
+a narrow bulk access.
 """
 from __future__ import annotations
 
