@@ -269,14 +269,14 @@ def render(machine: dict, outcomes, steps, run_dir: Path, seconds: float, dry: b
     """The summary text and its JSON form."""
     gpu = machine.get("gpu")
     v = machine["versions"]
-    where = (f"{gpu['name']} ({gpu['memory.total']} MiB, driver {gpu['driver_version']})"
-             if gpu else "no GPU (dry run)" if dry else "no GPU")
+    where = (f"{gpu['name']} ({gpu['memory.total']} MiB, driver "
+             f"{gpu.get('driver_version', '?')})" if gpu else "no GPU")
     lines = [f"m2iv gpu-check{' DRY RUN' if dry else ''} on {where}, {machine['cpus']} CPUs; "
              f"python {machine['python']}, torch {v.get('torch')}, triton {v.get('triton')}, "
              f"transformers {v.get('transformers')}; commit {machine['commit']}",
              f"results: {run_dir} ({_duration(seconds)})"]
     for when, state in (("start", gpu), ("end", machine.get("gpu_at_end"))):
-        if state:
+        if state and "clocks.sm" in state:
             lines.append(f"GPU at {when}: SM {state['clocks.sm']}/{state['clocks.max.sm']} MHz, "
                          f"{state['temperature.gpu']} C, {state['power.draw']} W, "
                          f"{state['utilization.gpu']}% busy; other processes: "

@@ -151,3 +151,29 @@ def test_summary_of_gpu_kernel_results_compares_backends(tmp_path):
     assert line.startswith("4096 rows, bfloat16: fused/unsteered 1.01")
     assert "triton GB/s" in details[1] and "ext /unsteered" in details[1]
     assert "torch" not in details[1] and len(details) == 3
+
+
+def test_summary_records_the_extension_missing_on_cuda(tmp_path):
+    d = tmp_path / "info"
+    d.mkdir()
+    why = "the CUDA build failed: build failed: nvcc fatal : Unsupported gpu architecture"
+    (d / "info.json").write_text(json.dumps({"devices": {
+        "cpu": {"backends": {"triton": "interpreter only", "ext": True, "torch": True},
+                "auto": "ext"},
+        "cuda:0": {"name": "NVIDIA H200", "capability": "9.0", "auto": "triton",
+                   "backends": {"triton": True, "ext": why, "torch": True}}},
+        "extension": {"available": True, "cuda": False, "cuda_reason": why}}))
+    line, details = gs.info(d)
+    assert line == f"ext unavailable on cuda:0: {why}; auto -> triton"
+    assert "cuda:0 (NVIDIA H200, sm_90): triton yes, ext no, torch yes; auto -> triton" in details
+
+
+def test_summary_of_a_parity_run_stopped_before_its_junit_file(tmp_path):
+    (tmp_path / "parity").mkdir()
+    (tmp_path / "parity.log").write_text(
+        "[gw0] [ 1%] PASSED tests/kernels/test_ops.py::test_a[triton-cuda]\n"
+        "[gw1] [ 2%] FAILED tests/kernels/test_ops.py::test_b[ext-cuda]\n"
+        "[gw1] [ 3%] SKIPPED tests/kernels/test_gpu.py::test_c\n")
+    line, details = gs.parity(tmp_path / "parity")
+    assert line == "1 passed, 1 failed, 1 skipped (before it was stopped)"
+    assert details == ["failed: tests/kernels/test_ops.py::test_b[ext-cuda]"]
