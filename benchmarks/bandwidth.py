@@ -22,6 +22,8 @@ is replayed: time per call = replay time / sets, median and IQR over replays (th
 between kernels in a graph counts against the kernels). A case whose capture fails is timed
 eagerly instead and marked so. On the CPU (the ``make gpu-check`` dry run) calls are timed
 eagerly on one input set; Triton is listed there only under its interpreter.
+
+Writes ``bandwidth-<device>-<date>.json|.csv|.png`` (the plot: % of the copy per case).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch
 import m2iv_kernels as mk
 from m2iv_kernels.backends import BACKENDS, uses_launchers
 
+from m2iv._extras import missing
 from m2iv.bench.common import device_tag, machine_info, print_table, time_ms, write_results
 
 from .kernels import DTYPES, _peak as spec_peak_bytes_per_s
@@ -252,6 +255,54 @@ def run(device: torch.device, shapes: list[tuple[int, int]], dtype: torch.dtype,
     return rows_out
 
 
+def plot(rows: list[dict], meta: dict, path: Path) -> Path | None:
+    """Bars of % of the measured copy per case, one panel per D: backends side by side,
+    mask+bank hatched; the copy (100 %) and the spec-sheet peak as lines. None (said in one
+    line) where matplotlib is missing."""
+    why = missing("matplotlib", "the bandwidth plot")
+    if why is not None:
+        print(f"note: {why}; skipped it")
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    copy = next(r for r in rows if r.get("op") == "copy")
+    shapes = sorted({(r["rows"], r["D"]) for r in ok})
+    cases = list(dict.fromkeys((r["op"], r["direction"]) for r in ok))
+    bars = list(dict.fromkeys((r["backend"], r["variant"]) for r in ok))
+    by = {(r["op"], r["direction"], r["rows"], r["D"], r["backend"], r["variant"]): r["%copy"]
+          for r in ok}
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(9, 3.2 * len(shapes)), squeeze=False)
+    width = 0.8 / max(len(bars), 1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    backends = list(dict.fromkeys(b for b, _ in bars))
+    for ax, shape in zip(axes[:, 0], shapes):
+        for j, (backend, variant) in enumerate(bars):
+            xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(cases))]
+            ax.bar(xs, [by.get((*c, *shape, backend, variant), 0) for c in cases], width,
+                   color=colors[backends.index(backend) % len(colors)],
+                   hatch="//" if variant != "plain" else None, edgecolor="white",
+                   label=f"{backend}, {variant}")
+        ax.axhline(100, color="black", lw=1, label=f"copy, {copy['GB/s']:.0f} GB/s")
+        if copy.get("%peak_HBM"):
+            ax.axhline(100 * 100 / copy["%peak_HBM"], color="black", ls="--", lw=1,
+                       label="spec-sheet peak")
+        ax.set_xticks(range(len(cases)), [f"{op}\n{direction}" for op, direction in cases],
+                      fontsize=7)
+        ax.set_ylabel("% of the measured copy")
+        ax.set_title(f"{shape[0]} x {shape[1]} {ok[0]['dtype']} on {meta['device']}",
+                     fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _shape(text: str) -> tuple[int, int]:
     try:
         rows, d = (int(v) for v in text.lower().split("x"))
@@ -296,7 +347,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  "%peak_HBM", "%copy", "status"])
     stem = f"bandwidth-{device_tag(device)}-{dt.date.today().isoformat()}"
     js, cs = write_results(stem, rows, meta, Path(args.out) if args.out else None)
-    print(f"\nwrote {js} and {cs}")
+    png = plot(rows, meta, js.with_suffix(".png")) if any(
+        r.get("status") == "ok" for r in rows) else None
+    print(f"\nwrote {js}, {cs}" + (f" and {png}" if png else ""))
     return rows
 
 

@@ -163,15 +163,16 @@ def bandwidth(step_dir: Path) -> Result:
     down = [f"{r['backend']} {r['status']}" for r in rows if r.get("status", "ok") != "ok"
             and r.get("op") != "copy"]
     backends = list(dict.fromkeys(r["backend"] for r in ok))
-    dims = sorted({r["D"] for r in ok})
-    by = {(r["op"], r["direction"], r["D"], r["backend"], r["variant"]): r for r in ok}
-    header = ["op", "dir"] + [f"D={d} {b}" for d in dims for b in backends]
+    shapes = sorted({(r["rows"], r["D"]) for r in ok})
+    by = {(r["op"], r["direction"], r["rows"], r["D"], r["backend"], r["variant"]): r
+          for r in ok}
+    header = ["op", "dir"] + [f"{rows}x{d} {b}" for rows, d in shapes for b in backends]
     body = []
     for op, direction in dict.fromkeys((r["op"], r["direction"]) for r in ok):
         cells = [op, direction]
-        for d in dims:
+        for shape in shapes:
             for b in backends:
-                got = [by.get((op, direction, d, b, v), {}).get("%copy")
+                got = [by.get((op, direction, *shape, b, v), {}).get("%copy")
                        for v in ("plain", "mask+bank")]
                 cells.append("/".join(_fmt(g, 2) for g in got))
         body.append(cells)
@@ -181,8 +182,7 @@ def bandwidth(step_dir: Path) -> Result:
         if copy.get("%peak_HBM") else ""
     line = f"copy {_fmt(copy.get('GB/s'))} GB/s{peak}; kernels at {_span(plain)} % of it " \
            f"(plain, {first.get('timing', '-')})"
-    head = f"kernel bandwidth, {first.get('dtype', '-')}, {first.get('rows', '-')} rows: " \
-           "% of the copy, plain/mask+bank"
+    head = f"kernel bandwidth, {first.get('dtype', '-')}: % of the copy, plain/mask+bank"
     return line, [head] + table(header, body) + [f"  {d}" for d in down]
 
 

@@ -44,6 +44,18 @@ def test_dry_run_runs_every_step_and_writes_results_and_summary(tmp_path):
     assert (dest / "summary.txt").read_text() == text
 
 
+def test_make_targets_run_the_script():
+    """``make gpu-check`` uses the machine's python3 (its CUDA torch), ``DRY_RUN=1`` the
+    CPU environment of ``make setup``."""
+    def dry(*args):
+        out = subprocess.run(["make", "-n", "gpu-check", *args], capture_output=True,
+                             text=True, cwd=gc.ROOT, check=True).stdout
+        return " ".join(out.replace("\\\n", " ").split())
+
+    assert dry("DRY_RUN=1").endswith(".venv/bin/python -m benchmarks.gpu_check --dry-run")
+    assert dry("GPU_CHECK_ARGS=--only icl") == "python3 -m benchmarks.gpu_check --only icl"
+
+
 def _step(name, *argv, expected=5, budget=30):
     return gc.Step(name, argv, argv, expected, budget, lambda d: ("read", []))
 
@@ -109,6 +121,7 @@ def test_gpu_commands_parse(step, tmp_path, monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse)
     cmd = gc.command(step, False, tmp_path, 139.8)[2:]
     monkeypatch.setattr(sys, "argv", cmd)
+    monkeypatch.delitem(sys.modules, cmd[0], raising=False)  # run it afresh, as python -m does
     with pytest.raises(_Parsed):
         runpy.run_module(cmd[0], run_name="__main__", alter_sys=True)
 
@@ -142,7 +155,7 @@ def test_summary_of_gpu_kernel_results_compares_backends(tmp_path):
                            "%peak_HBM": 43 * pct / 48})
     line, details = gs.bandwidth(_gpu_rows(tmp_path, "bandwidth", bw))
     assert line.startswith("copy 4300 GB/s, 90% of the spec-sheet peak; kernels at 90 %")
-    assert "D=4096 triton" in details[1] and "D=8192 ext" in details[1]
+    assert "4096x4096 triton" in details[1] and "4096x8192 ext" in details[1]
     assert details[2].split()[2:] == ["90/80"] * 4
     ops = [{"op": "steer_add", "rows": r, "D": 4096, "dtype": "bfloat16", "backend": b,
             "fused_ms": 0.03, "GB/s": 3000.0, "%peak_HBM": 62.5, "speedup_vs_unfused": 2.0,
