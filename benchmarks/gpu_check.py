@@ -195,17 +195,18 @@ _SMI_FIELDS = ("name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.
                "temperature.gpu,power.draw,utilization.gpu")
 
 
-def gpu_state() -> dict | None:
+def gpu_state(ask_torch: bool = False) -> dict | None:
     """The first GPU as nvidia-smi sees it now (clocks, temperature, load, other processes),
-    or None without one. Read, never set: the card is measured as found. Without nvidia-smi
-    (or with one that knows fewer fields), as much as it, or else torch, tells."""
+    or None without one. Read, never set: the card is measured as found. With an nvidia-smi
+    that knows fewer fields, or none (then, with ``ask_torch``, torch), what they tell."""
     fields = _SMI_FIELDS
     smi = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"])
     if not smi:
         fields = "name,memory.total"
-        smi = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"]) \
-            or _run([sys.executable, "-c", "import torch; p = torch.cuda.get_device_properties(0)"
-                     "; print(p.name, p.total_memory // 2**20, sep=',')"], timeout=60)
+        smi = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"])
+    if not smi and ask_torch:
+        smi = _run([sys.executable, "-c", "import torch; p = torch.cuda.get_device_properties(0)"
+                    "; print(p.name, p.total_memory // 2**20, sep=',')"], timeout=120)
     if not smi:
         return None
     gpu = dict(zip(fields.split(","), (v.strip() for v in smi.splitlines()[0].split(","))))
@@ -215,10 +216,10 @@ def gpu_state() -> dict | None:
     return gpu
 
 
-def machine() -> dict:
-    """What runs here, without importing torch: the GPU, nvcc, the Python stack, and which
-    modules the steps need are missing."""
-    gpu = gpu_state()
+def machine(ask_torch: bool = False) -> dict:
+    """What runs here (without importing torch, unless ``ask_torch`` and nvidia-smi is
+    missing): the GPU, nvcc, the Python stack, and which modules the steps need are missing."""
+    gpu = gpu_state(ask_torch)
     nvcc = _run(["nvcc", "--version"])
     versions = {}
     for dist in VERSIONS:
@@ -420,11 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         list_steps(args.dry_run)
         return 0
-    info = machine()
+    info = machine(ask_torch=not args.dry_run)
     if not args.dry_run and info["gpu"] is None:
-        print("gpu-check: no NVIDIA GPU here (nvidia-smi found none); on a machine without one "
-              "run the dry run: make gpu-check DRY_RUN=1 (python -m benchmarks.gpu_check "
-              "--dry-run)", file=sys.stderr)
+        print("gpu-check: no NVIDIA GPU here (neither nvidia-smi nor torch sees one); on a "
+              "machine without one run the dry run: make gpu-check DRY_RUN=1 (python -m "
+              "benchmarks.gpu_check --dry-run)", file=sys.stderr)
         return 2
     date = dt.date.today().isoformat()
     default = (ROOT / "runs" / f"gpu-check-dry-run-{date}" if args.dry_run else
