@@ -288,6 +288,9 @@ def run_step(cmd: list[str], step_dir: Path, log: Path, stdout: str | None, time
         except subprocess.TimeoutExpired:
             _kill(proc)
             return "timeout", time.monotonic() - t0, f"killed after {timeout:.0f} s"
+        except KeyboardInterrupt:  # its own session does not see the terminal's Ctrl-C
+            _kill(proc)
+            raise
         finally:
             if out is not log_file:
                 out.close()
