@@ -227,7 +227,8 @@ def machine(ask_torch: bool = False) -> dict:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
-    return {"gpu": gpu, "nvcc": nvcc.splitlines()[-1] if nvcc else None,
+    release = [ln.strip() for ln in (nvcc or "").splitlines() if "release" in ln]
+    return {"gpu": gpu, "nvcc": release[0] if release else None,
             "python": platform.python_version(),
             "host": platform.node(), "cpus": os.cpu_count(), "versions": versions,
             "missing": [m for m in REQUIRED if importlib.util.find_spec(m) is None],

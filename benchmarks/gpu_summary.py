@@ -274,7 +274,7 @@ def render(machine: dict, outcomes, steps, run_dir: Path, seconds: float, dry: b
     lines = [f"m2iv gpu-check{' DRY RUN' if dry else ''} on {where}, {machine['cpus']} CPUs; "
              f"python {machine['python']}, torch {v.get('torch')}, triton {v.get('triton')}, "
              f"transformers {v.get('transformers')}; commit {machine['commit']}",
-             f"results: {run_dir} ({_duration(seconds)})"]
+             f"results: {run_dir} ({_duration(seconds)}); nvcc: {machine.get('nvcc') or 'none'}"]
     for when, state in (("start", gpu), ("end", machine.get("gpu_at_end"))):
         if state and "clocks.sm" in state:
             lines.append(f"GPU at {when}: SM {state['clocks.sm']}/{state['clocks.max.sm']} MHz, "
