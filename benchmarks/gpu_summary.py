@@ -186,22 +186,27 @@ def bandwidth(step_dir: Path) -> Result:
     return line, [head] + table(header, body) + [f"  {d}" for d in down]
 
 
-_KEYS = ("case", "batch", "tokens", "mode", "compiled")
+_KEYS = ("case", "phase", "batch", "tokens", "mode", "compiled")
+_SPREAD = ("iqr", "p25", "p75")
+
+
+def _ratio_keys(rows: list[dict]) -> list[str]:
+    """Columns that are ratios (``a/b``), without their spread columns."""
+    return list(dict.fromkeys(k for r in rows for k, v in r.items() if "/" in k
+                              and isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and not any(w in k.lower() for w in _SPREAD)))
 
 
 def patched(step_dir: Path) -> Result:
-    """``benchmarks.patched``: every ratio column of every row (the columns may grow)."""
+    """``benchmarks.patched``: every ratio column of every row, whatever the columns are."""
     rows = result_rows(step_dir)
+    keys = _ratio_keys(rows)
     details = []
     for r in rows:
         what = " ".join(f"{k}={r[k]}" for k in _KEYS if r.get(k) not in (None, ""))
-        ratios = [f"{k} {_fmt(v)}" for k, v in r.items()
-                  if "/" in k and isinstance(v, (int, float))]
-        details.append(f"{what}: {', '.join(ratios)}")
-    main = [r.get("patched/unpatched") for r in rows]
-    hooks = [r.get("patched/hooks") for r in rows]
-    return (f"{rows[0].get('preset', '')} steered/unsteered {_span(main)}, fused/hooks "
-            f"{_span(hooks)} ({len(rows)} cases)", details)
+        details.append(f"{what}: " + ", ".join(f"{k} {_fmt(r[k])}" for k in keys if k in r))
+    spans = ", ".join(f"{k} {_span([r.get(k) for r in rows])}" for k in keys[:3])
+    return f"{rows[0].get('preset', '')} {spans} ({len(rows)} cases)", details
 
 
 def _icl_rows(step_dir: Path) -> list[dict]:

@@ -191,3 +191,13 @@ def test_summary_of_a_parity_run_stopped_before_its_junit_file(tmp_path):
     line, details = gs.parity(tmp_path / "parity")
     assert line == "1 passed, 1 failed, 1 skipped (before it was stopped)"
     assert details == ["failed: tests/kernels/test_ops.py::test_b[ext-cuda]"]
+
+
+def test_summary_of_patched_results_takes_whatever_ratios_there_are(tmp_path):
+    rows = [{"preset": "llava-1.5-7b", "phase": phase, "batch": 8, "compiled": True,
+             "fused/unsteered": 1.01, "fused/unsteered IQR": 0.02, "hooks/unsteered": 1.2,
+             "flagged/noisy": False} for phase in ("prefill", "decode")]
+    line, details = gs.patched(_gpu_rows(tmp_path, "patched", rows))
+    assert line == "llava-1.5-7b fused/unsteered 1.01, hooks/unsteered 1.2 (2 cases)"
+    assert details[1] == "phase=decode batch=8 compiled=True: fused/unsteered 1.01, " \
+                         "hooks/unsteered 1.2"
