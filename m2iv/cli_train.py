@@ -223,7 +223,7 @@ def _setup_threads(args) -> None:
 
 
 def _cmd_make_digits(args) -> int:
-    from .data import make_digits
+    from .testbed.digits_task import make_digits
 
     t = make_digits(args.dir, label_map=args.map, pool_size=args.pool_size,
                     train_size=args.train_size, eval_size=args.eval_size, seed=args.seed)

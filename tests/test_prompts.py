@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from m2iv.data import DataError, Item
-from m2iv.prompts import (HFPromptBuilder, TestbedPromptBuilder, build_offline_processor,
-                          make_prompt_builder)
+from m2iv.prompts import HFPromptBuilder, build_offline_processor, make_prompt_builder
+from m2iv.testbed.prompts import TestbedPromptBuilder
 from tests.tiny_models import build
 
 LVLMS = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
