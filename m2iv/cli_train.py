@@ -1,8 +1,8 @@
 """``m2iv train``, ``m2iv eval`` and ``m2iv data``: train M2IVs from the command line.
 
     m2iv data make-digits digits/                     # the built-in example task
-    m2iv train --data digits/ --shots 8 --pool-size 128 --steps 300 --out digits.safetensors
-    m2iv eval  --data digits/ --vectors digits.safetensors --shots 0,1,4,8 \\
+    m2iv train --data digits/ --out digits.safetensors  # measured defaults, stops on a plateau
+    m2iv eval  --data digits/ --vectors digits.safetensors --shots 0,1,4,8,16 \\
                --baselines mean-activation --out digits-eval.json
 
 Data parallel: ``torchrun --nproc_per_node 2 -m m2iv.cli train ...`` (gloo on CPU, nccl on GPU).
@@ -101,7 +101,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "CPU), float32, bfloat16, float16")
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "ext", "torch"],
                    help="kernel backend of the patched model")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 for the testbed presets, whose "
+                   "tiny matrices only contend on more)")
 
 
 def add_parsers(subparsers) -> None:
@@ -110,16 +112,23 @@ def add_parsers(subparsers) -> None:
     from .train.baselines import METHODS
 
     # ---------------------------------------------------------------- train
+    from .train.config import SCHEDULES, SYNERGY_MODES, TrainConfig as C
+
     p = subparsers.add_parser(
         "train", help="distil k-shot ICL into M2IV vectors (or train a baseline)",
-        description="Train M2IV vectors by distilling the model's k-shot in-context learning "
-        "(mimicry KL + answer CE + MHA/MLP synergy). Writes a safetensors vectors file with "
-        "full metadata, a JSON log and a PNG loss curve.",
+        description="Train M2IV vectors by distilling the model's k-shot in-context learning, "
+        "averaged over many demonstration sets, into vectors (mimicry KL; optional answer CE "
+        "and MHA/MLP synergy terms). Trains until the held-out KL stops improving. Writes a "
+        "safetensors vectors file with full metadata, a JSON log and a PNG loss curve.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
     g = p.add_argument_group("task")
     g.add_argument("--data", "-d", required=True, help="task directory (data.jsonl + images)")
-    g.add_argument("--shots", "-k", type=int, default=4, help="demonstrations per teacher prompt")
+    g.add_argument("--shots", "-k", type=int, default=C.shots,
+                   help="demonstrations per teacher prompt")
+    g.add_argument("--teacher-sets", type=int, default=C.teacher_sets,
+                   help="demonstration sets per query whose answer distributions are averaged "
+                   "into the teacher target (many-shot: sets x shots demonstrations per query)")
     g.add_argument("--pool-size", type=int, default=None,
                    help="demonstration pool size (default: the whole pool split)")
     g.add_argument("--method", default="m2iv", choices=list(METHODS))
@@ -127,36 +136,56 @@ def add_parsers(subparsers) -> None:
     g.add_argument("--positions", default="all", choices=["all", "text"],
                    help="tokens the vectors are added to")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=200)
-    g.add_argument("--batch-size", type=int, default=8, help="queries per micro-batch (global)")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--lr", type=float, default=0.05,
+    g.add_argument("--steps", type=int, default=C.steps,
+                   help="step cap (the plateau rule usually stops earlier; with --patience 0 "
+                   "exactly this many steps)")
+    g.add_argument("--batch-size", type=int, default=C.batch_size,
+                   help="queries per micro-batch (global)")
+    g.add_argument("--grad-accum", type=int, default=C.grad_accum)
+    g.add_argument("--lr", type=float, default=C.lr,
                    help="learning rate, relative to the residual-stream RMS")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps, or steps")
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--schedule", default=C.schedule, choices=list(SCHEDULES),
+                   help="plateau: constant, lowered by the plateau rule; cosine: over --steps")
+    g.add_argument("--weight-decay", type=float, default=C.weight_decay)
+    g.add_argument("--warmup", type=float, default=C.warmup, help="steps, or a fraction (< 1) "
+                   "of --steps")
+    g.add_argument("--grad-clip", type=float, default=C.grad_clip)
+    g.add_argument("--seed", type=int, default=C.seed)
     g = p.add_argument_group("losses")
-    g.add_argument("--kl-weight", type=float, default=1.0)
-    g.add_argument("--ce-weight", type=float, default=1.0)
-    g.add_argument("--synergy-weight", type=float, default=0.1)
-    g.add_argument("--synergy", default="decorr", choices=["decorr", "align", "both", "none"],
+    g.add_argument("--kl-weight", type=float, default=C.kl_weight)
+    g.add_argument("--ce-weight", type=float, default=C.ce_weight)
+    g.add_argument("--synergy-weight", type=float, default=C.synergy_weight)
+    g.add_argument("--synergy", default=C.synergy, choices=list(SYNERGY_MODES),
                    help="MHA/MLP synergy term: branch decorrelation, per-layer hidden-state "
                    "alignment to the teacher, both, or none")
-    g.add_argument("--decorr-weight", type=float, default=1.0)
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--decorr-weight", type=float, default=C.decorr_weight)
+    g.add_argument("--temperature", type=float, default=C.temperature)
+    g = p.add_argument_group("stopping")
+    g.add_argument("--eval-every", type=int, default=C.eval_every,
+                   help="steps between held-out evaluations (0: none, train --steps steps)")
+    g.add_argument("--val-queries", type=int, default=C.val_queries,
+                   help="train queries held out for the held-out evaluations")
+    g.add_argument("--patience", type=int, default=C.patience,
+                   help="evaluations without improvement before the learning rate is lowered "
+                   "or the run stops (0: never stop early)")
+    g.add_argument("--min-delta", type=float, default=C.min_delta,
+                   help="relative held-out KL improvement that counts")
+    g.add_argument("--plateau-decays", type=int, default=C.plateau_decays,
+                   help="learning-rate decays (x --plateau-decay) before a plateau stops the run")
+    g.add_argument("--plateau-decay", type=float, default=C.plateau_decay)
+    g.add_argument("--eval-queries", type=int, default=C.eval_queries,
+                   help="eval-split queries for the final metrics (0: all)")
     g = p.add_argument_group("mechanics")
-    g.add_argument("--eval-every", type=int, default=50)
-    g.add_argument("--eval-queries", type=int, default=64)
-    g.add_argument("--patience", type=int, default=None, help="early stopping (evaluations)")
     g.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt)")
     g.add_argument("--checkpoint-every", type=int, default=50)
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    g.add_argument("--cache-dir", default=None, help="teacher-output cache directory")
+    g.add_argument("--cache-dir", default=None, help="teacher-output cache directory (reruns "
+                   "and resumes skip the teacher)")
     g.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16",
                                                                  "float16"])
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"])
-    g.add_argument("--teacher-batch-size", type=int, default=None)
+    g.add_argument("--teacher-batch-size", type=int, default=None,
+                   help="prompts per teacher forward (default: --batch-size)")
     g.add_argument("--n-prompts", type=int, default=64,
                    help="prompts averaged by --method mean-activation")
     g.add_argument("--no-progress", action="store_true")
@@ -180,7 +209,9 @@ def add_parsers(subparsers) -> None:
                    help="ICL shot counts to evaluate (0 = zero-shot)")
     p.add_argument("--baselines", nargs="*", default=[], choices=["mean-activation"],
                    help="training-free baselines computed on the fly")
-    p.add_argument("--baseline-shots", type=int, default=4)
+    p.add_argument("--baseline-shots", type=int, default=16)
+    p.add_argument("--balanced", action="store_true",
+                   help="class-balanced ICL demonstrations (over the pool's answers)")
     p.add_argument("--pool-size", type=int, default=None)
     p.add_argument("--eval-queries", type=int, default=None, help="default: the whole split")
     p.add_argument("--kl-shots", type=int, default=None,
@@ -218,8 +249,13 @@ def add_parsers(subparsers) -> None:
 def _setup_threads(args) -> None:
     import torch
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    from .data import task_info
+
+    threads = getattr(args, "threads", None)
+    if threads is None and (args.model or task_info(args.data).get("model")) in MODEL_PRESETS:
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _cmd_make_digits(args) -> int:
@@ -255,7 +291,8 @@ def _load_data(path: str):
 def _cmd_train(args) -> int:
     from .train import distributed as ddp
     from .train.baselines import TRAINED_METHODS, mean_activation_vectors
-    from .train.distill import Distiller, TrainConfig
+    from .train.config import TrainConfig
+    from .train.distill import Distiller
 
     _setup_threads(args)
     dist = ddp.init(device=str(ddp.local_device(args.device)))
@@ -268,15 +305,18 @@ def _cmd_train(args) -> int:
         log_dir = args.log_dir or os.path.dirname(os.path.abspath(out))
         ckpt = args.checkpoint or (out + ".ckpt")
         cfg = TrainConfig(
-            shots=args.shots, pool_size=args.pool_size, steps=args.steps,
-            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-            weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-            kl_weight=args.kl_weight, ce_weight=args.ce_weight,
-            synergy_weight=args.synergy_weight, synergy=args.synergy,
+            shots=args.shots, teacher_sets=args.teacher_sets, pool_size=args.pool_size,
+            steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            lr=args.lr, schedule=args.schedule, weight_decay=args.weight_decay,
+            warmup=args.warmup, grad_clip=args.grad_clip, kl_weight=args.kl_weight,
+            ce_weight=args.ce_weight, synergy_weight=args.synergy_weight, synergy=args.synergy,
             decorr_weight=args.decorr_weight, temperature=args.temperature,
             layers=tuple(args.layers) if args.layers else None, positions=args.positions,
             backend=args.backend, seed=args.seed, eval_every=args.eval_every,
-            eval_queries=args.eval_queries, patience=args.patience, checkpoint_path=ckpt,
+            val_queries=args.val_queries, patience=args.patience or None,
+            min_delta=args.min_delta, plateau_decays=args.plateau_decays,
+            plateau_decay=args.plateau_decay, eval_queries=args.eval_queries,
+            checkpoint_path=ckpt,
             checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir,
             cache_dtype=args.cache_dtype, amp=args.amp,
             teacher_batch_size=args.teacher_batch_size,
@@ -286,8 +326,9 @@ def _cmd_train(args) -> int:
         if args.method == "mean-activation":
             v = mean_activation_vectors(model, data, builder, shots=args.shots,
                                         pool_size=args.pool_size, n_prompts=args.n_prompts,
-                                        layers=args.layers, seed=args.seed)
-            d = Distiller(model, data, builder, cfg, dist=dist, steps=0)
+                                        layers=args.layers, seed=args.seed,
+                                        teacher_sets=args.teacher_sets)
+            d = Distiller(model, data, builder, cfg, dist=dist, steps=0, eval_every=0)
             try:
                 if d.eval_items:
                     ev, zero = d.evaluate(v), d.evaluate(None)
@@ -316,7 +357,8 @@ def _cmd_train(args) -> int:
         if dist.is_main:
             v.save(out)
             m = v.meta.get("metrics", {})
-            summary = {k: m[k] for k in ("eval_kl", "zero_kl", "kl_reduction", "eval_top1")
+            summary = {k: m[k] for k in ("eval_kl", "zero_kl", "kl_reduction", "eval_top1",
+                                         "stop_reason", "steps", "best_step", "seconds")
                        if k in m}
             print(f"wrote {out} ({v}); {json.dumps(summary)}")
         dist.barrier()
@@ -349,7 +391,8 @@ def _cmd_eval(args) -> int:
                   eval_queries=args.eval_queries, seed=args.seed,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   positions=args.positions, backend=args.backend, strength=args.strength,
-                  kl_shots=args.kl_shots, keep_predictions=args.predictions)
+                  kl_shots=args.kl_shots, balanced=args.balanced,
+                  keep_predictions=args.predictions)
     table = format_table(res)
     print(table)
     if args.out:

@@ -53,15 +53,20 @@ def per_query_mean(tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tok * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
-def mimicry_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+def mimicry_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
                temperature: float = 1.0, reduce: bool = True) -> torch.Tensor:
-    """``sum_b mean_j KL(p_T || p_S)``; logits ``[B, A, V]`` (any float dtype, computed in fp32).
+    """``sum_b mean_j KL(p_T || p_S)``; student logits and teacher log-probabilities
+    ``[B, A, V]`` (any float dtype, computed in fp32).
 
-    ``reduce=False`` returns the per-query values ``[B]``.
+    ``teacher_logp`` is already at the temperature (e.g. the log of the teacher's averaged
+    answer distribution, :func:`m2iv.train.teacher.mean_answer_log_probs`); the student's
+    logits are divided by ``temperature`` here, and the result is scaled by
+    ``temperature**2`` so gradient magnitudes do not depend on it. ``reduce=False`` returns
+    the per-query values ``[B]``.
     """
     t = temperature
     s_logp = torch.log_softmax(student_logits.float() / t, -1)
-    t_logp = torch.log_softmax(teacher_logits.float() / t, -1)
+    t_logp = teacher_logp.float()
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * (t * t)  # [B, A]
     per_q = per_query_mean(kl, mask)
     return per_q.sum() if reduce else per_q
