@@ -221,6 +221,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--positions", default="all", choices=["all", "text"])
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="teacher-output cache for --kl-shots")
     p.add_argument("--predictions", action="store_true", help="keep every prediction in JSON")
     p.add_argument("--out", "-o", default=None, help="results JSON")
     p.add_argument("--table", default=None, help="also write the Markdown table here")
@@ -391,7 +392,7 @@ def _cmd_eval(args) -> int:
                   eval_queries=args.eval_queries, seed=args.seed,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   positions=args.positions, backend=args.backend, strength=args.strength,
-                  kl_shots=args.kl_shots, balanced=args.balanced,
+                  kl_shots=args.kl_shots, balanced=args.balanced, cache_dir=args.cache_dir,
                   keep_predictions=args.predictions)
     table = format_table(res)
     print(table)

@@ -60,11 +60,10 @@ def train_method(method: str, model, data, builder: PromptBuilder | None = None,
         raise ValueError(f"unknown trained method {method!r}; choose from "
                          f"{', '.join(TRAINED_METHODS)} (mean-activation is training-free: "
                          "mean_activation_vectors)")
-    overrides = {k: v for k, v in kwargs.items() if k not in ("processor", "init", "resume",
-                                                                 "dist")}
+    keys = ("processor", "init", "resume", "dist", "cache")
+    passthrough = {k: v for k, v in kwargs.items() if k in keys}
+    overrides = {k: v for k, v in kwargs.items() if k not in keys}
     overrides.update(TRAINED_METHODS[method], method=method)
-    passthrough = {k: v for k, v in kwargs.items() if k in ("processor", "init", "resume",
-                                                            "dist")}
     return train_m2iv(model, data, builder, config, **passthrough, **overrides)
 
 

@@ -136,7 +136,7 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
             metric: Callable[[str, str], float] = exact_match,
             max_new_tokens: int | None = None, batch_size: int = 8,
             positions: str = "all", backend: str = "auto", strength: float = 1.0,
-            kl_shots: int | None = None, balanced: bool = False,
+            kl_shots: int | None = None, balanced: bool = False, cache_dir: str | None = None,
             keep_predictions: bool = False) -> dict:
     """Accuracy on the ``eval`` split of: ICL for every k in ``ks`` (k = 0 is zero-shot;
     demonstrations sampled per query from the pool, class-balanced over the answers with
@@ -144,7 +144,8 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
     (``query_digest`` identifies them: equal digests, identical query lists).
 
     ``kl_shots``: also report each vector method's (and zero-shot's) held-out KL to the
-    ``kl_shots``-shot teacher (averaged over the default number of demonstration sets).
+    ``kl_shots``-shot teacher (averaged over the default number of demonstration sets; its
+    outputs cached in ``cache_dir`` if given).
     Returns ``{"task", "n", "query_digest", "rows": [{"method", "shots", "accuracy",
     "prompt_tokens", ...}], ...}``.
     """
@@ -182,7 +183,8 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
 
         d = Distiller(model, data, builder, shots=kl_shots, pool_size=pool_size, steps=0,
                       seed=seed, eval_queries=eval_queries, eval_every=0, progress=False,
-                      synergy_weight=0.0, positions=positions, backend=backend)
+                      synergy_weight=0.0, positions=positions, backend=backend,
+                      cache_dir=cache_dir)
         try:
             for row in rows:
                 if row["method"] == "zero-shot":
