@@ -55,8 +55,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["m2iv", "m2iv.*", "m2iv_kernels", "m2iv_kernels.*",
-                                    "benchmarks"]),
+    # benchmarks/ holds repository scripts; what `m2iv bench` needs ships in m2iv.bench
+    packages=find_packages(include=["m2iv", "m2iv.*", "m2iv_kernels", "m2iv_kernels.*"]),
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -1,9 +1,6 @@
-"""Benchmarks: ``python -m benchmarks.kernels`` (ops), ``.patched`` (patcher overhead) and
-``.icl`` (M2IV vs k-shot ICL, also ``m2iv bench``).
-
-Idle OpenMP threads spin by default; on a small shared machine that stalls every
-multi-threaded op by milliseconds, so the benchmarks make them sleep (unless you set it).
+"""Repository benchmark scripts (run from the repository root; not installed):
+``python -m benchmarks.kernels`` (ops), ``.patched`` (patcher overhead), ``.fidelity`` (method
+fidelity on the digits testbed). The ICL-vs-M2IV benchmark ships with the package:
+``m2iv bench`` (:mod:`m2iv.bench`, whose timing and result helpers these scripts share).
 """
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import m2iv.bench  # noqa: F401 - sets OMP_WAIT_POLICY before torch starts its threads

@@ -23,7 +23,7 @@ import torch
 
 import m2iv_kernels as mk
 
-from .common import device_tag, machine_info, print_table, time_ms, write_results
+from m2iv.bench.common import device_tag, machine_info, print_table, time_ms, write_results
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Spec-sheet HBM bandwidth (bytes/s) by device-name fragment, for "% of peak".

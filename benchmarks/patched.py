@@ -11,7 +11,7 @@ KV cache, a fixed number of new tokens) it times, side by side in one process:
 * ``patched_masked``: the same with a per-token position mask (a quarter of the prompt, where
   images would sit, left unsteered): the masked kernel path;
 * ``hooks``: the same steering (DESIGN.md section 1) with plain forward hooks
-  (``benchmarks/hooks.py``), the way hook-based steering libraries apply it;
+  (:mod:`m2iv.testing.reference`), the way hook-based steering libraries apply it;
 
 and prints ``patched / unpatched`` and ``patched / hooks`` ratios. Variants are timed in
 interleaved rounds (order alternating); each round keeps a median, and the fastest round of each
@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
 import torch
 
 import m2iv
+from m2iv.bench.common import device_tag, machine_info, print_table, time_ms, write_results
+from m2iv.bench.presets import PRESETS, build_model
+from m2iv.testing import add_steering_hooks
 from m2iv_kernels.backends import resolve
-
-from .common import device_tag, machine_info, print_table, time_ms, write_results
-from .hooks import add_steering_hooks
-from .presets import PRESETS, build_model
 
 VARIANTS = ("unpatched", "patched", "patched_masked", "hooks")
 
@@ -47,8 +47,7 @@ def _variant(model, vectors, name: str, mask: torch.Tensor | None):
         positions = mask if name == "patched_masked" else "all"
         handle = m2iv.patch_model(model, vectors, positions=positions)
         return handle.remove
-    hooks = add_steering_hooks(model, vectors)
-    return lambda: [h.remove() for h in hooks]
+    return add_steering_hooks(model, vectors).remove
 
 
 def _measure(model, vectors, make_call, mask, device, rounds: int, budget: float,

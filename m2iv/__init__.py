@@ -5,14 +5,32 @@
     handle = m2iv.patch_model(model, vectors)      # every forward / generate() is steered
     ...
     m2iv.unpatch_model(model)                      # or: with m2iv.steer(model, vectors): ...
+
+The public names below are imported on first use, so ``import m2iv`` (and the ``m2iv --help``
+command) does not import torch.
 """
+import importlib
+
 from ._version import __version__
 from .errors import (IncompatibleVectorsError, M2IVError, UnsupportedModelError,
                      VectorsFormatError, VectorsMismatchError)
-from .library import VLibrary
-from .patch import PatchHandle, patch_model, steer, unpatch_model
-from .vectors import M2IV
+
+# public name -> the module defining it (imported by __getattr__ on first access)
+_LAZY = {"M2IV": ".vectors", "patch_model": ".patch", "unpatch_model": ".patch",
+         "steer": ".patch", "PatchHandle": ".patch", "VLibrary": ".library"}
 
 __all__ = ["M2IV", "patch_model", "unpatch_model", "steer", "PatchHandle", "VLibrary",
            "M2IVError", "VectorsMismatchError", "IncompatibleVectorsError", "VectorsFormatError",
            "UnsupportedModelError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'm2iv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -37,7 +37,6 @@ PIL images or paths. The built-in example task (scikit-learn's 8x8 digits) is wr
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -471,9 +470,3 @@ def task_info(directory: str | os.PathLike) -> dict:
         with open(p, encoding="utf-8") as f:
             return json.load(f)
     return {}
-
-
-def pil_bytes(image) -> bytes:  # pragma: no cover - small helper for callers
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

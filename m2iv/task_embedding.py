@@ -20,14 +20,9 @@ from typing import Any
 
 import torch
 
+from .families import module_device
+
 __all__ = ["embed_task", "embed_examples"]
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(p.device for p in model.parameters() if p.device.type != "meta")
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _to_inputs(example: Any, tokenizer, processor) -> dict[str, Any]:
@@ -75,7 +70,7 @@ def embed_examples(model, examples: Iterable[Any], *, tokenizer=None, processor=
     """One embedding per demonstration: ``[n, D]`` float32 on the CPU (see :func:`embed_task`)."""
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = module_device(model)
     rows = []
     try:
         for example in examples:

@@ -13,6 +13,9 @@ serve several tasks (``handle.select(index)``).
 File format (``save`` / ``load``): safetensors with four tensors ``mha``, ``mha_gates``,
 ``mlp``, ``mlp_gates`` and one header metadata entry ``"m2iv"``: a JSON object holding
 ``meta`` plus ``"layers"`` (the covered decoder-layer indices). Never pickle.
+
+(Over 500 lines on purpose: one public class whose every constructor, combinator and file path
+shares the same validation rules, which read best in one place.)
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ import torch
 
 from ._atomic import atomic_write
 from ._version import __version__
-from .errors import IncompatibleVectorsError, VectorsFormatError, VectorsMismatchError
+from .errors import IncompatibleVectorsError, VectorsFormatError
 
-__all__ = ["M2IV", "FORMAT_VERSION", "METADATA_KEY"]
+__all__ = ["M2IV", "FORMAT_VERSION", "METADATA_KEY", "format_layers"]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "m2iv"
@@ -226,7 +229,7 @@ class M2IV:
     def __repr__(self) -> str:
         bank = f"bank of {self.n_bank}, " if self.is_bank else ""
         task = self.meta.get("task")
-        return (f"M2IV({bank}layers={_fmt_layers(self.layers)}, heads={self.num_heads}, "
+        return (f"M2IV({bank}layers={format_layers(self.layers)}, heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, hidden={self.hidden_size}, dtype={self.dtype}, "
                 f"device={self.device}, model_type={self.meta.get('model_type')!r}"
                 + (f", task={task!r}" if task else "") + ")")
@@ -284,23 +287,20 @@ class M2IV:
         return M2IV.weighted_sum([(self, 1.0), (other, 1.0)])
 
     def compatibility(self, other: M2IV) -> str | None:
-        """``None`` if ``other`` can be combined with ``self``, else the reason why not."""
+        """``None`` if ``other`` can be combined with ``self``, else the reason why not (the
+        shape and model rules of :func:`m2iv.families.fit.incompatibility`)."""
+        from .families.fit import ModelSpec, incompatibility
+
         if not isinstance(other, M2IV):
             return f"expected an M2IV, got {type(other).__name__}"
         if self.is_bank != other.is_bank:
             return "one is a bank and the other is not"
         if self.is_bank and self.n_bank != other.n_bank:
             return f"bank sizes differ ({self.n_bank} vs {other.n_bank})"
-        if self.layers != other.layers:
-            return (f"they cover different layers ({_fmt_layers(self.layers)} vs "
-                    f"{_fmt_layers(other.layers)})")
-        for key in ("num_heads", "head_dim", "hidden_size"):
-            if getattr(self, key) != getattr(other, key):
-                return f"{key} differs ({getattr(self, key)} vs {getattr(other, key)})"
-        for key in ("model_type", "num_layers"):
-            a, b = self.meta.get(key), other.meta.get(key)
-            if a is not None and b is not None and a != b:
-                return f"they were made for different models ({key} {a!r} vs {b!r})"
+        why = incompatibility(ModelSpec.from_vectors(other), ModelSpec.from_vectors(self),
+                              ("the other", "this one"))
+        if why is not None:
+            return why
         if self.device != other.device:
             return f"they are on different devices ({self.device} vs {other.device})"
         return None
@@ -474,28 +474,10 @@ class M2IV:
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise :class:`VectorsMismatchError` (naming the layer and both shapes) unless these
-        vectors fit ``model``'s decoder layers."""
-        from .families import describe
+        vectors fit ``model``'s decoder layers (:func:`m2iv.families.fit.check_fits`)."""
+        from .families.fit import check_fits
 
-        info = describe(model)
-        mt, nl = self.meta.get("model_type"), self.meta.get("num_layers")
-        for i in self.layers:
-            info.check_layer_index(i, what="the vectors cover")
-            spec = info.layer(i)
-            if (self.num_heads, self.head_dim) != (spec.num_heads, spec.head_dim):
-                raise VectorsMismatchError(
-                    f"layer {i}: vectors.mha has per-layer shape (H, Dh) = "
-                    f"{(self.num_heads, self.head_dim)} but the model's attention at layer {i} "
-                    f"has (H, Dh) = {(spec.num_heads, spec.head_dim)} (o_proj input "
-                    f"{spec.num_heads * spec.head_dim})")
-            if self.hidden_size != spec.hidden_size:
-                raise VectorsMismatchError(
-                    f"layer {i}: vectors.mlp has per-layer shape (D,) = ({self.hidden_size},) "
-                    f"but the model's hidden size at layer {i} is ({spec.hidden_size},)")
-        if nl is not None and nl != info.num_layers:
-            raise VectorsMismatchError(f"the vectors were made for a model with {nl} decoder "
-                                       f"layers (meta) but this model has {info.num_layers}")
-        del mt  # model_type may legitimately differ (LVLM vs its language model): not checked
+        check_fits(self, model)
 
     # ------------------------------------------------------------------ files
 
@@ -588,7 +570,8 @@ def _read_file(path, tensors: bool):
     return loaded, header
 
 
-def _fmt_layers(layers: Sequence[int]) -> str:
+def format_layers(layers: Sequence[int]) -> str:
+    """``0..3`` for a range, else the list (``[0, 2, 5]``)."""
     layers = list(layers)
     if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}..{layers[-1]}"

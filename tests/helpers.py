@@ -28,3 +28,9 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, truth: torch.Tensor
     err, ref_err = _rel(actual, truth), _rel(expected, truth)
     assert err <= 2 * ref_err + REL[dtype], (
         f"relative error {err:.3g} vs fp64 truth; the same-dtype reference has {ref_err:.3g}")
+
+
+def assert_norm_close(actual: torch.Tensor, expected: torch.Tensor, tol: float):
+    """Norm-relative closeness ``||a - e|| / ||e|| <= tol`` (bf16 logits, gradients)."""
+    err = _rel(actual, expected)
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from m2iv.data import DataError, Item
-from m2iv.prompts import HFPromptBuilder, build_offline_processor, make_prompt_builder
+from m2iv.prompts import HFPromptBuilder, make_prompt_builder
 from m2iv.testbed.prompts import TestbedPromptBuilder
-from tests.tiny_models import build
+from m2iv.testing import build, build_offline_processor
 
 LVLMS = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
          "idefics3", "gemma3", "mllama", "internvl"]

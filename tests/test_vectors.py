@@ -10,7 +10,7 @@ import torch
 from m2iv import (M2IV, IncompatibleVectorsError, M2IVError, UnsupportedModelError,
                   VectorsFormatError, VectorsMismatchError)
 from m2iv.vectors import FORMAT_VERSION, METADATA_KEY
-from tests.tiny_models import build
+from m2iv.testing import build
 
 L, H, DH, D = 3, 4, 8, 32
 
@@ -321,9 +321,9 @@ def test_check_model_names_layer_and_shapes(llava):
         other.check_model(llava)
 
 
-def test_unsupported_model_lists_families():
+def test_unsupported_model_says_what_was_looked_for():
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64,
                                       n_positions=32))
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*llava.*qwen2_vl"):
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*attention with an o_proj"):
         M2IV.zeros_like(gpt2)

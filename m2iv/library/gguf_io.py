@@ -42,7 +42,8 @@ import torch
 from .._atomic import atomic_path
 from ..vectors import M2IV
 from .errors import ControlVectorFormatError
-from .spec import ModelSpec, o_proj_weight
+from ..families import describe
+from ..families.fit import ModelSpec
 
 __all__ = ["ARCH", "ControlVector", "read_control_vector", "write_control_vector",
            "load_control_vector", "control_vector_directions", "save_control_vector",
@@ -264,10 +265,15 @@ def control_vector_directions(vectors: M2IV, *, model=None, index: int | None = 
             report["mha"] = "dropped"
             report["notes"].append(DROP_MHA_NOTE)
         else:
-            num_layers = vectors.meta.get("num_layers")
+            info = describe(model)
             folded = []
             for i, layer in enumerate(v.layers):
-                w = o_proj_weight(model, layer, num_layers).detach().to("cpu", torch.float32)
+                spec = info.layer(layer)
+                if spec.o_proj_weight is None:
+                    raise ValueError(f"layer {layer}: o_proj is not a plain float linear map "
+                                     f"({type(spec.o_proj).__name__}; quantised?): cannot fold "
+                                     "through it")
+                w = spec.o_proj_weight.detach().to("cpu", torch.float32)
                 flat = mha_eff[i].reshape(-1)
                 if tuple(w.shape) != (v.hidden_size, flat.numel()):
                     raise ValueError(f"layer {layer}: o_proj.weight is {tuple(w.shape)} but the "

@@ -30,7 +30,8 @@ def _config(**kw):
 
 
 def _setup(data_dir):
-    from m2iv.prompts import build_offline_processor, make_prompt_builder
+    from m2iv.prompts import make_prompt_builder
+    from m2iv.testing import build_offline_processor
     from tests.train.test_train import sharp_model
 
     model = sharp_model("llava")

@@ -23,7 +23,8 @@ def test_default_training_beats_zero_shot_on_heldout_map(tmp_path):
     heldout0 (256 train, 100 eval queries) beats zero-shot by > 25 points."""
     _ckpt_or_skip()
     torch.set_num_threads(1)
-    from m2iv import M2IV, cli_train
+    from m2iv import M2IV
+    from m2iv.cli import train as cli_train
     parser = argparse.ArgumentParser(prog="m2iv")
     cli_train.add_parsers(parser.add_subparsers(dest="command"))
 

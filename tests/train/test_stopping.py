@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from m2iv import M2IV
-from m2iv.prompts import build_offline_processor, make_prompt_builder
+from m2iv.prompts import make_prompt_builder
+from m2iv.testing import build_offline_processor
 from m2iv.train import TrainConfig, train_m2iv
 from m2iv.train.stopping import PlateauRule, lr_factor
 from tests.train.test_train import sharp_model, synthetic_task

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from m2iv.prompts import build_offline_processor, make_prompt_builder
+from m2iv.prompts import make_prompt_builder
+from m2iv.testing import build_offline_processor
 from m2iv.train import Distiller, Sampler, TrainConfig, mean_answer_log_probs
 from tests.train.test_train import sharp_model, synthetic_task
 

@@ -19,11 +19,11 @@ from PIL import Image
 
 from m2iv import M2IV
 from m2iv.data import TaskData
-from m2iv.prompts import build_offline_processor, make_prompt_builder
+from m2iv.prompts import make_prompt_builder
 from m2iv.train import Distiller, TeacherCache, TrainConfig, train_m2iv
 from m2iv.train.baselines import mean_activation_vectors, train_method
 from m2iv.train.evaluate import compare, exact_match, format_table, vqa_normalize
-from tests.tiny_models import build
+from m2iv.testing import build, build_offline_processor
 
 FAST = dict(batch_size=8, eval_queries=24, progress=False, backend="torch", ce_weight=0.0,
             lr=0.05)
@@ -264,7 +264,7 @@ def test_compare_table(llava, task):
 # --------------------------------------------------------------------------- CLI end to end
 def test_cli_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
     """``m2iv data make-digits`` -> ``m2iv train`` -> ``m2iv eval`` on the built-in task."""
-    from m2iv import cli_train
+    from m2iv.cli import train as cli_train
     from m2iv.testbed.model import checkpoint_paths
 
     if not os.path.exists(checkpoint_paths("1tok")[0]):
@@ -310,7 +310,7 @@ def test_cli_local_hf_model(tmp_path):
     template), the path real checkpoints take."""
     import argparse
 
-    from m2iv import cli_train
+    from m2iv.cli import train as cli_train
 
     model = sharp_model("llava")
     proc = build_offline_processor(model, chat_template="default")

@@ -1,9 +1,9 @@
 """M2IV vs token-level in-context learning: prefill latency, decode throughput, peak memory,
 KV-cache size and context limits, from 1 to 128 shots, side by side in one run.
 
-    python -m benchmarks.icl --preset cpu-tiny            # or: m2iv bench --preset cpu-tiny
-    python -m benchmarks.icl --preset llava-1.5-7b        # on a GPU
-    python -m benchmarks.icl --preset cpu-tiny --set text.num_hidden_layers=8 --shots 1 4 16
+    m2iv bench --preset cpu-tiny                 # or: python -m m2iv.bench.icl --preset cpu-tiny
+    m2iv bench --preset llava-1.5-7b             # on a GPU
+    m2iv bench --preset cpu-tiny --set text.num_hidden_layers=8 --shots 1 4 16
 
 Modes: (a) zero-shot, unsteered; (b) zero-shot + M2IV through the fused patcher; (c) zero-shot
 + the same steering through plain forward hooks; (d) k-shot ICL with real interleaved
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..testing.reference import add_steering_hooks
 from .common import device_tag, machine_info, print_table, sync, time_ms, write_results
-from .hooks import add_steering_hooks
 from .presets import PRESETS, Preset, apply_overrides, build_model, context_window, make_inputs
 
 SHOTS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -164,12 +164,11 @@ def warm_up(model, vectors, inputs: dict, batch_inputs: dict, args) -> None:
 
 @contextlib.contextmanager
 def _hooks(model, vectors, index=None):
-    handles = add_steering_hooks(model, vectors, index)
+    reference = add_steering_hooks(model, vectors, index)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        reference.remove()
 
 
 def check_fused_equals_hooks(model, vectors, inputs, backend: str) -> float:
@@ -373,7 +372,7 @@ def main_from_args(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.icl",
+    p = argparse.ArgumentParser(prog="python -m m2iv.bench.icl",
                                 description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return main_from_args(p.parse_args(argv))

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+_REPO = Path(__file__).resolve().parents[2]
+RESULTS = _REPO / "benchmarks" / "results"
 
 
 def results_dir() -> Path:
     """``benchmarks/results`` in a source checkout; ``./m2iv-results`` for an installed copy."""
-    return RESULTS if (RESULTS.parent.parent / ".git").exists() else Path("m2iv-results")
+    return RESULTS if (_REPO / ".git").exists() and RESULTS.parent.is_dir() \
+        else Path("m2iv-results")
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +60,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, budget_s: float =
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=RESULTS.parent, check=True).stdout.strip()
+                              text=True, cwd=_REPO, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -15,7 +15,8 @@ import torch
 
 from m2iv.errors import IncompatibleVectorsError, VectorsFormatError, VectorsMismatchError
 from m2iv.library import (ControlVectorFormatError, EntryNotFoundError, LibraryError,
-                          LibraryIntegrityError, ModelSpec, UnsafePathError, VLibrary, store)
+                          LibraryIntegrityError, ModelSpec, UnsafePathError, VLibrary, files,
+                          index)
 from m2iv.library import gguf_io
 from m2iv.task_embedding import embed_examples, embed_task
 from m2iv.vectors import M2IV
@@ -277,12 +278,12 @@ def test_compose_and_stack_refuse_incompatible(lib, tiny_llama):
     lib.add(vec(4, d=64, h=8), "wide")
     lib.add(M2IV.stack([vec(5), vec(6)]), "bank")
     with pytest.raises(IncompatibleVectorsError,
-                       match=r"cannot combine a:1 with one_layer:1: one_layer:1 covers layers "
-                             r"\[1\], a:1 \[0, 1\]"):
+                       match=r"cannot combine a:1 with one_layer:1: they cover different layers "
+                             r"\(one_layer:1 \[1\], a:1 \[0, 1\]\)"):
         lib.compose({"a": 1, "one_layer": 1})
     with pytest.raises(IncompatibleVectorsError, match="model type 'mistral'"):
         lib.compose({"a": 1, "mistral": 1})
-    with pytest.raises(IncompatibleVectorsError, match="hidden size differs"):
+    with pytest.raises(IncompatibleVectorsError, match="hidden_size differs"):
         lib.stack(["a", "wide"])
     with pytest.raises(IncompatibleVectorsError, match="is a bank"):
         lib.compose({"bank": 1})
@@ -319,7 +320,7 @@ def test_incompatible_model_refusal(lib, tiny_llama):
     lib.add(vec(2, model_type="mistral"), "mistral")  # same shapes, other model family
     lib.add(vec(3, num_layers=4, layers=(2, 3)), "deep")
     lib.add(vec(4), "ok")
-    for ref, why in (("wide", "hidden size differs"), ("mistral", "model type 'mistral'"),
+    for ref, why in (("wide", "hidden_size differs"), ("mistral", "model type 'mistral'"),
                      ("deep", "deep:1 was made for a model with 4 decoder layers, the model "
                               "has 2")):
         with pytest.raises(VectorsMismatchError, match=why):
@@ -375,7 +376,7 @@ def test_failed_commit_rolls_back_in_process(lib, monkeypatch):
     def boom(conn):
         raise sqlite3.OperationalError("disk I/O error (simulated)")
 
-    monkeypatch.setattr(store, "_commit", boom)
+    monkeypatch.setattr(index, "commit", boom)
     with pytest.raises(sqlite3.OperationalError, match="simulated"):
         lib.add(vec(1), "lost")
     monkeypatch.undo()
@@ -387,7 +388,7 @@ def test_failed_commit_rolls_back_in_process(lib, monkeypatch):
 
 def _crash_at_commit(root: str) -> None:
     lib = VLibrary(root)
-    store._commit = lambda conn: os._exit(17)  # die after rename + INSERT, before COMMIT
+    index.commit = lambda conn: os._exit(17)  # die after rename + INSERT, before COMMIT
     lib.add(vec(1), "crashed")
 
 
@@ -450,9 +451,9 @@ def test_crash_while_staging_leaves_only_stale_temp(tmp_path, monkeypatch):
     assert _run_child(_crash_while_staging, root) == 18
     lib = VLibrary(root)
     assert len(lib) == 0 and os.listdir(os.path.join(root, "vectors")) == []
-    monkeypatch.setattr(store, "STAGE_GRACE_S", 1e9)
+    monkeypatch.setattr(files, "STAGE_GRACE_S", 1e9)
     assert len(lib.verify(repair=True).in_progress) == 1  # too young to judge: left alone
-    monkeypatch.setattr(store, "STAGE_GRACE_S", 0.0)
+    monkeypatch.setattr(files, "STAGE_GRACE_S", 0.0)
     rep = lib.verify()
     assert len(rep.stale_temp) == 1 and not rep.clean
     assert lib.verify(repair=True).healthy
@@ -462,7 +463,7 @@ def test_crash_while_staging_leaves_only_stale_temp(tmp_path, monkeypatch):
 def test_live_staging_is_never_reaped(lib, monkeypatch):
     fcntl = pytest.importorskip("fcntl")
 
-    monkeypatch.setattr(store, "STAGE_GRACE_S", 0.0)
+    monkeypatch.setattr(files, "STAGE_GRACE_S", 0.0)
     d = os.path.join(lib.root, "tmp", "ab" * 16)
     os.mkdir(d)
     fd = os.open(os.path.join(d, "lock"), os.O_CREAT | os.O_RDWR)
@@ -837,7 +838,7 @@ def test_embed_task_is_the_mean_hidden_state(tiny_llama):
 
 
 def test_embed_task_on_an_lvlm_with_images():
-    from tests.tiny_models import IMAGE_TOKEN, build
+    from m2iv.testing import IMAGE_TOKEN, build
 
     model = build("llava")
     n_img = 4  # 28x28 image, 14x14 patches

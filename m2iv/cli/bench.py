@@ -1,11 +1,11 @@
-"""``m2iv bench``: the ICL-vs-M2IV benchmark (``benchmarks/icl.py``)."""
+"""``m2iv bench``: the ICL-vs-M2IV benchmark (:mod:`m2iv.bench.icl`)."""
 from __future__ import annotations
 
 import argparse
 
 
-def add_parser(subparsers) -> None:
-    from benchmarks import icl
+def add_parsers(subparsers) -> None:
+    from ..bench import icl
 
     p = subparsers.add_parser("bench", help="M2IV vs k-shot ICL: latency, throughput, memory",
                               description=icl.__doc__,

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from benchmarks import icl, kernels
-from benchmarks.hooks import add_steering_hooks, decoder_layers
-from benchmarks.presets import PRESETS, apply_overrides, build_model, make_inputs
+from benchmarks import kernels
+from m2iv.bench import icl
+from m2iv.bench.presets import PRESETS, apply_overrides, build_model, make_inputs
+from m2iv.testing import add_steering_hooks, decoder_layers
 
 
 def test_kernel_benchmark_rows():

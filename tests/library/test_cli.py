@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2iv.cli_library import main
+from m2iv.cli import main
 from m2iv.library import VLibrary, gguf_io
 from m2iv.vectors import M2IV
 

@@ -1,13 +1,16 @@
-"""Tiny random-weight instances of every supported model family, built offline from configs.
+"""Tiny random-weight instances of real transformers model classes, built offline from configs:
+the families of m2iv's family table (:data:`NAMED`) and architectures m2iv recognises
+structurally, with no table row (:data:`STRUCTURAL`); :data:`FAMILIES` is both.
 
-    from tests.tiny_models import FAMILIES, build, text_inputs
+    from m2iv.testing import FAMILIES, build, text_inputs
     model = build("llava")            # eval mode, fp32, seeded weights
-    ids = text_inputs(model, batch=2, seq=7)
+    ids = text_inputs(batch=2, seq=7)
 
-Every model has hidden size 32 (Gemma 3: 32), 2 decoder layers (Mllama: 3, one of them
-cross-attention), a vocabulary of 256 whose ids 250..253 are the special image/video tokens,
-and where there is one a vision tower of one layer. ``text_inputs`` never draws the special
-ids, so plain text runs through every LVLM.
+Every model has hidden size 32, 2 decoder layers (Mllama: 3, one of them cross-attention), a
+vocabulary of 256 whose ids 250..253 are the special image/video tokens, and where there is one
+a vision tower of one layer. ``text_inputs`` never draws the special ids, so plain text runs
+through every LVLM. The structural architectures get random norm weights, so that a layer body
+using one norm in place of another cannot pass a test.
 """
 from __future__ import annotations
 
@@ -36,24 +39,46 @@ _SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_si
                num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14)
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(**{k: v for k, v in _TEXT.items()}))
+# text-only causal LMs: name -> (config class, model class, config overrides)
+_CAUSAL_LMS: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),  # H*Dh = 64 != D = 32
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=8)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"])),
+    # found structurally (no family-table row): one per layer shape transformers uses
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(resid_pdrop=0.0)),
+    "phi3_dropout": ("Phi3Config", "Phi3ForCausalLM", dict(resid_pdrop=0.1)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
+                dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=8)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(residual_multiplier=0.5, embedding_multiplier=2.0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM",
+                dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(use_bias=True)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM",
+                 dict(use_parallel_residual=True, hidden_dropout=0.1)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=8, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[1])),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2)),
+}
 
 
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    return Qwen2ForCausalLM(Qwen2Config(**_TEXT))
+def _causal_lm(name: str):
+    import transformers
 
-
-def _qwen3():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    return Qwen3ForCausalLM(Qwen3Config(**_TEXT, head_dim=16))  # H*Dh = 64 != D = 32
-
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-    return MistralForCausalLM(MistralConfig(**_TEXT, head_dim=8))
+    config, model, overrides = _CAUSAL_LMS[name]
+    return getattr(transformers, model)(getattr(transformers, config)(**_TEXT, **overrides))
 
 
 def _llava():
@@ -120,22 +145,33 @@ def _qwen3_vl():
                                                          **_QWEN_IDS))
 
 
-def _idefics3():
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=4, image_size=28, patch_size=14)
-    cfg = Idefics3Config(vision_config=vision, text_config=_text("llama"),
-                         image_token_id=IMAGE_TOKEN, scale_factor=2)
-    return Idefics3ForConditionalGeneration(cfg)
+_IDEFICS_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, image_size=28, patch_size=14)
 
 
-def _smolvlm():
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=4, image_size=28, patch_size=14)
-    cfg = SmolVLMConfig(vision_config=vision, text_config=_text("llama"),
-                        image_token_id=IMAGE_TOKEN, scale_factor=2)
-    return SmolVLMForConditionalGeneration(cfg)
+def _idefics(kind: str, text_type: str = "llama"):
+    """Idefics3 / SmolVLM (pixel-shuffle connector) or Idefics2 (perceiver resampler)."""
+    import transformers
+
+    config, model = {"idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
+                     "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
+                     "smolvlm": ("SmolVLMConfig", "SmolVLMForConditionalGeneration")}[kind]
+    extra = (dict(perceiver_config=dict(hidden_size=32, resampler_n_latents=4,
+                                        resampler_depth=1, resampler_n_heads=2,
+                                        resampler_head_dim=8, num_key_value_heads=1))
+             if kind == "idefics2" else dict(scale_factor=2))
+    cfg = getattr(transformers, config)(vision_config=dict(_IDEFICS_VISION),
+                                        text_config=_text(text_type),
+                                        image_token_id=IMAGE_TOKEN, **extra)
+    return getattr(transformers, model)(cfg)
+
+
+def _paligemma():
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    text = _text("gemma", head_dim=8)
+    cfg = PaliGemmaConfig(text_config=text, vision_config=dict(_SIGLIP, projection_dim=32),
+                          image_token_index=IMAGE_TOKEN, projection_dim=32)
+    return PaliGemmaForConditionalGeneration(cfg)
 
 
 def _gemma3():
@@ -146,13 +182,6 @@ def _gemma3():
                        image_token_index=IMAGE_TOKEN, mm_tokens_per_image=4,
                        boi_token_index=VISION_START, eoi_token_index=VISION_END)
     return Gemma3ForConditionalGeneration(cfg)
-
-
-def _gemma3_text():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    cfg = Gemma3TextConfig(**dict(_TEXT, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-                                  layer_types=["sliding_attention", "full_attention"]))
-    return Gemma3ForCausalLM(cfg)
 
 
 def _mllama():
@@ -179,14 +208,30 @@ def _internvl():
 
 
 BUILDERS = {
-    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mistral": _mistral,
+    **{name: (lambda name=name: _causal_lm(name)) for name in _CAUSAL_LMS},
     "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl,
-    "idefics3": _idefics3, "smolvlm": _smolvlm, "gemma3": _gemma3, "gemma3_text": _gemma3_text,
-    "mllama": _mllama, "internvl": _internvl,
+    "idefics3": lambda: _idefics("idefics3"), "smolvlm": lambda: _idefics("smolvlm"),
+    "gemma3": _gemma3, "mllama": _mllama, "internvl": _internvl,
+    "idefics2": lambda: _idefics("idefics2", "mistral"), "paligemma": _paligemma,
 }
-FAMILIES = tuple(BUILDERS)
-TEXT_ONLY = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+#: the families of m2iv's family table and earlier releases
+NAMED = ("llama", "qwen2", "qwen3", "mistral", "llava", "llava_next", "llava_onevision",
+         "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "gemma3_text",
+         "mllama", "internvl")
+#: architectures no table names: found and recognised structurally
+STRUCTURAL = tuple(f for f in BUILDERS if f not in NAMED)
+FAMILIES = NAMED + STRUCTURAL
+TEXT_ONLY = tuple(_CAUSAL_LMS)
+
+
+def _distinct_norms(model: torch.nn.Module) -> None:
+    """Random norm weights (and biases): freshly initialised norms are all alike, and a layer
+    body that used one norm in place of another would go unnoticed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2]:
+                p.add_(0.2 * torch.randn_like(p))
 
 
 def build(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -198,6 +243,8 @@ def build(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
     torch.manual_seed(seed)
     try:
         model = BUILDERS[family]()
+        if family in STRUCTURAL:
+            _distinct_norms(model)
     finally:
         torch.random.set_rng_state(state)
     model.config._attn_implementation = attn_implementation

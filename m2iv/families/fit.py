@@ -1,16 +1,20 @@
-"""What a vector set was made for, and whether an entry fits a model or other vectors.
+"""Do these vectors fit: the one place that decides whether a vector set (an
+:class:`~m2iv.M2IV`, a library entry) fits a model or can be combined with other vectors.
 
-:class:`ModelSpec` is the small, comparable description the library keeps for every entry and
-computes for a target (a Hugging Face model, an :class:`~m2iv.M2IV`, or another entry):
+:class:`ModelSpec` is the small, comparable description of a model, or of the model a vector
+set was made for:
 
-* a *model* target (``layers is None``) accepts an entry when the hidden size, head count,
-  head size and decoder-layer count agree, the entry's layers exist in the model, and the
-  entry's model type is one the model answers to (an LVLM answers to its own type and to its
-  language model's, e.g. ``llava`` and ``llama``). The model's name or path is recorded but
-  not compared (the same checkpoint lives at different paths on different machines).
-* a *vectors* target (``layers`` set) accepts an entry that could be combined with it
+* a *model* target (``layers is None``) accepts vectors when the hidden size, head count, head
+  size and decoder-layer count agree, their layers exist in the model, and their model type is
+  one the model answers to (an LVLM answers to its own type and to its language model's, e.g.
+  ``llava`` and ``llama``). The model's name or path is recorded but not compared (the same
+  checkpoint lives at different paths on different machines).
+* a *vectors* target (``layers`` set) accepts vectors that could be combined with it
   (``M2IV.weighted_sum`` / ``M2IV.stack``): same shapes, same covered layers, and no
   disagreement on model type or decoder-layer count where both are known.
+
+:func:`check_fits` is the layer-by-layer check against a loaded model (what ``patch_model``
+runs), with errors naming the layer and both shapes.
 """
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelSpec", "incompatibility", "decoder_layers", "o_proj_weight"]
+from ..errors import VectorsMismatchError
+from ..vectors import format_layers
+from .discover import describe
+
+__all__ = ["ModelSpec", "incompatibility", "check_fits"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class ModelSpec:
 
     @classmethod
     def from_model(cls, model) -> ModelSpec:
+        """From the model's structure (:func:`~m2iv.families.describe`) where m2iv can steer
+        it, else from its config alone (e.g. a config-only stand-in for a GGUF import)."""
         config = getattr(model, "config", None)
         if config is None:
             raise TypeError(f"{type(model).__name__} has no .config: not a Hugging Face model")
@@ -97,25 +107,14 @@ class ModelSpec:
         head_dim = getattr(text, "head_dim", None) or (
             hidden // heads if hidden and heads else None)
         num_layers = getattr(text, "num_hidden_layers", None)
-        model_type = getattr(config, "model_type", None)
-        try:  # the patcher's own description of the model wins where it knows the model
-            from ..families import describe
-
+        if isinstance(model, torch.nn.Module):
             info = describe(model)
-        except Exception:  # noqa: BLE001 - families missing or model unknown: use the config
-            info = None
-        if info is not None:
-            model_type = getattr(info, "model_type", None) or model_type
-            types.add(model_type)
-            num_layers = getattr(info, "num_layers", None) or num_layers
-            try:
-                first = tuple(getattr(info, "steerable_layers", (0,)))[0]
-                spec = info.layer(first)
-                hidden, heads, head_dim = spec.hidden_size, spec.num_heads, spec.head_dim
-            except Exception:  # noqa: BLE001
-                pass
-        return cls(model_type=model_type, hidden_size=hidden, num_heads=heads, head_dim=head_dim,
-                   num_layers=num_layers, model_name=str(name) if name else None,
+            spec = info.layer(info.steerable_layers[0])
+            hidden, heads, head_dim = spec.hidden_size, spec.num_heads, spec.head_dim
+            num_layers = info.num_layers
+        return cls(model_type=getattr(config, "model_type", None), hidden_size=hidden,
+                   num_heads=heads, head_dim=head_dim, num_layers=num_layers,
+                   model_name=str(name) if name else None,
                    model_types=frozenset(t for t in types if t))
 
 
@@ -126,15 +125,15 @@ def incompatibility(entry: ModelSpec, target: ModelSpec,
     ``names`` labels the two sides in the reason (default ``("entry", "model"/"vectors")``).
     """
     a_name, b_name = names or ("entry", "model" if target.is_model else "vectors")
-    for key, what in (("hidden_size", "hidden size"), ("num_heads", "attention heads"),
-                      ("head_dim", "head size")):
+    for key in ("hidden_size", "num_heads", "head_dim"):
         a, b = getattr(entry, key), getattr(target, key)
         if a is not None and b is not None and a != b:
-            return f"{what} differs ({a_name} {a}, {b_name} {b})"
+            return f"{key} differs ({a_name} {a}, {b_name} {b})"
     if entry.num_layers is not None and target.num_layers is not None \
             and entry.num_layers != target.num_layers:
         return (f"{a_name} was made for a model with {entry.num_layers} decoder layers, "
-                f"{b_name} {'has' if target.is_model else 'for one with'} {target.num_layers}")
+                f"{b_name} {'has' if target.is_model else 'for one with'} {target.num_layers} "
+                "(different models)")
     if target.is_model:
         if entry.layers and target.num_layers is not None and \
                 max(entry.layers) >= target.num_layers:
@@ -146,60 +145,34 @@ def incompatibility(entry: ModelSpec, target: ModelSpec,
                     f"{'/'.join(sorted(theirs))!r}")
         return None
     if entry.layers is not None and tuple(entry.layers) != tuple(target.layers):
-        return f"{a_name} covers layers {list(entry.layers)}, {b_name} {list(target.layers)}"
+        return (f"they cover different layers ({a_name} {format_layers(entry.layers)}, {b_name} "
+                f"{format_layers(target.layers)})")
     if entry.model_type and target.model_type and entry.model_type != target.model_type:
         return (f"{a_name} was made for model type {entry.model_type!r}, {b_name} for "
-                f"{target.model_type!r}")
+                f"{target.model_type!r} (different models)")
     return None
 
 
-def decoder_layers(model, num_layers: int | None = None) -> torch.nn.ModuleList:
-    """The model's decoder layers: ``m2iv.families.describe(model).layers`` where the family
-    table knows the model, otherwise the one ``ModuleList`` whose items have
-    ``self_attn.o_proj`` (vision-tower layers use other projection names)."""
-    try:
-        from ..families import describe
+def check_fits(vectors, model: torch.nn.Module) -> None:
+    """Raise :class:`VectorsMismatchError` (naming the layer and both shapes) unless
+    ``vectors`` fit ``model``'s decoder layers. The model type may differ (an LVLM and its
+    language model steer alike); the decoder-layer count may not."""
+    info = describe(model)
+    for i in vectors.layers:
+        info.check_layer_index(i, what="the vectors cover")
+        spec = info.layer(i)
+        if (vectors.num_heads, vectors.head_dim) != (spec.num_heads, spec.head_dim):
+            raise VectorsMismatchError(
+                f"layer {i}: vectors.mha has per-layer shape (H, Dh) = "
+                f"{(vectors.num_heads, vectors.head_dim)} but the model's attention at layer "
+                f"{i} has (H, Dh) = {(spec.num_heads, spec.head_dim)} (o_proj input "
+                f"{spec.num_heads * spec.head_dim})")
+        if vectors.hidden_size != spec.hidden_size:
+            raise VectorsMismatchError(
+                f"layer {i}: vectors.mlp has per-layer shape (D,) = ({vectors.hidden_size},) "
+                f"but the model's hidden size at layer {i} is ({spec.hidden_size},)")
+    n = vectors.meta.get("num_layers")
+    if n is not None and n != info.num_layers:
+        raise VectorsMismatchError(f"the vectors were made for a model with {n} decoder "
+                                   f"layers (meta) but this model has {info.num_layers}")
 
-        return describe(model).layers
-    except Exception:  # noqa: BLE001 - families missing or model unknown: search below
-        pass
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and all(
-                hasattr(getattr(m, "self_attn", None), "o_proj") for m in module):
-            found.append((name, module))
-    if num_layers is not None:
-        found = [(n, m) for n, m in found if len(m) == num_layers] or found
-    if len(found) != 1:
-        names = [n for n, _ in found]
-        raise ValueError(f"cannot locate the decoder layers of {type(model).__name__} "
-                         f"(candidates: {names or 'none'}): expected exactly one list of layers "
-                         "with self_attn.o_proj")
-    return found[0][1]
-
-
-def o_proj_weight(model, layer: int, num_layers: int | None = None) -> torch.Tensor:
-    """The attention output projection weight ``W_o`` [D, H*Dh] of decoder layer ``layer``
-    (through ``m2iv.families`` where it knows the model)."""
-    try:
-        from ..families import describe
-
-        info = describe(model)
-    except Exception:  # noqa: BLE001 - families missing or model unknown: search the modules
-        info = None
-    if info is not None:
-        spec = info.layer(layer)
-        weight = spec.o_proj_weight
-        if weight is None:
-            raise ValueError(f"layer {layer}: o_proj is not a plain float linear map "
-                             f"({type(spec.o_proj).__name__}; quantised?): cannot fold through it")
-        return weight
-    layers = decoder_layers(model, num_layers)
-    if not 0 <= layer < len(layers):
-        raise ValueError(f"layer {layer} out of range: the model has {len(layers)} decoder layers")
-    weight = getattr(layers[layer].self_attn.o_proj, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
-            not weight.dtype.is_floating_point:
-        raise ValueError(f"layer {layer}: o_proj has no plain float [D, H*Dh] weight "
-                         "(quantised?): cannot fold through it")
-    return weight

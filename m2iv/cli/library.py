@@ -14,9 +14,6 @@
 Every command takes ``--root DIR`` (default ``$M2IV_LIBRARY`` or ``~/.local/share/m2iv/library``)
 and ``--json`` (machine-readable output on stdout). Exit status: 0 success, 1 failure (and
 ``verify`` found problems it did not repair), 2 usage error.
-
-The lead's ``m2iv/cli.py`` wires this in with ``cli_library.add_parser(subparsers)`` and calls
-``args.func(args)`` (an int exit status); ``python -m m2iv.cli_library`` runs it standalone.
 """
 from __future__ import annotations
 
@@ -27,7 +24,9 @@ import sys
 import warnings
 from typing import Any
 
-__all__ = ["add_parser", "main", "run"]
+from ..vectors import format_layers
+
+__all__ = ["add_parsers"]
 
 
 # ---------------------------------------------------------------------------- output helpers
@@ -68,16 +67,9 @@ def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None
             print("  ".join("-" * w for w in widths))
 
 
-def _fmt_layers(layers) -> str:
-    layers = list(layers)
-    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}..{layers[-1]}"
-    return ",".join(map(str, layers))
-
-
 def _entry_row(e) -> list[Any]:
     return [e.ref, e.model_type or "?", f"{e.hidden_size}/{e.num_heads}x{e.head_dim}",
-            f"{_fmt_layers(e.layers)} of {e.num_layers or '?'}", e.task or "",
+            f"{format_layers(e.layers)} of {e.num_layers or '?'}", e.task or "",
             ",".join(e.tags), e.shots if e.shots is not None else "",
             e.embedding_dim or "", e.created.replace("+00:00", "Z")]
 
@@ -95,7 +87,7 @@ def _notes(notes: list[str], as_json: bool) -> None:
 
 
 def _library(args, create: bool = True):
-    from .library import VLibrary
+    from ..library import VLibrary
 
     return VLibrary(args.root, create=create)
 
@@ -321,7 +313,7 @@ def _cmd_export(args) -> int:
         _print_json(report)
     else:
         _notes(report["notes"], False)
-        layers = f", layers {_fmt_layers(report['layers'])}" if report.get("layers") else ""
+        layers = f", layers {format_layers(report['layers'])}" if report.get("layers") else ""
         print(f"exported {report['ref']} to {report['path']} ({report['format']}{layers})")
     return 0
 
@@ -348,7 +340,7 @@ def _cmd_import(args) -> int:
         _print_json(e.to_dict())
     else:
         print(f"imported {args.file} as {e.ref} (MLP-branch vectors, gate 1, layers "
-              f"{_fmt_layers(e.layers)})")
+              f"{format_layers(e.layers)})")
     return 0
 
 
@@ -357,7 +349,7 @@ def _cmd_import(args) -> int:
 
 def _guard(fn):
     def run_command(args) -> int:
-        from .errors import M2IVError
+        from ..errors import M2IVError
 
         try:
             return fn(args)
@@ -372,11 +364,9 @@ def _guard(fn):
     return run_command
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``library`` (with its sub-commands) on an argparse ``subparsers`` object.
-
-    Every sub-command sets ``args.func``: call ``sys.exit(args.func(args))``.
-    """
+def add_parsers(subparsers) -> argparse.ArgumentParser:
+    """Register ``library`` (with its sub-commands) on an argparse ``subparsers`` object; every
+    sub-command sets ``args.func`` (returning the exit status)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", "-L", default=None, metavar="DIR",
                         help="library directory (default: $M2IV_LIBRARY or "
@@ -481,17 +471,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     describe(sp)
     return p
 
-
-def run(args) -> int:
-    return args.func(args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="m2iv")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,9 +50,9 @@ def load_model(spec: str | None, data_dir: str | None = None, device: str = "aut
     Hugging Face model directory (``AutoModelForImageTextToText`` + ``AutoProcessor``)."""
     import torch
 
-    from .data import task_info
-    from .prompts import make_prompt_builder
-    from .train.distributed import local_device
+    from ..data import task_info
+    from ..prompts import make_prompt_builder
+    from ..train.distributed import local_device
 
     if spec is None and data_dir:
         spec = task_info(data_dir).get("model")
@@ -62,7 +62,7 @@ def load_model(spec: str | None, data_dir: str | None = None, device: str = "aut
     dev = local_device(device)
     dt = _dtype(dtype)
     if spec in MODEL_PRESETS:
-        from .testbed import load_testbed
+        from ..testbed import load_testbed
 
         variant = "4tok" if spec.endswith("4tok") else "1tok"
         try:
@@ -109,10 +109,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(subparsers) -> None:
     """Register ``train``, ``eval`` and ``data`` on an argparse ``subparsers`` object (each
     sets ``args.func``)."""
-    from .train.baselines import METHODS
+    from ..train.baselines import METHODS
 
     # ---------------------------------------------------------------- train
-    from .train.config import SCHEDULES, SYNERGY_MODES, TrainConfig as C
+    from ..train.config import SCHEDULES, SYNERGY_MODES, TrainConfig as C
 
     p = subparsers.add_parser(
         "train", help="distil k-shot ICL into M2IV vectors (or train a baseline)",
@@ -250,7 +250,7 @@ def add_parsers(subparsers) -> None:
 def _setup_threads(args) -> None:
     import torch
 
-    from .data import task_info
+    from ..data import task_info
 
     threads = getattr(args, "threads", None)
     if threads is None and (args.model or task_info(args.data).get("model")) in MODEL_PRESETS:
@@ -260,7 +260,7 @@ def _setup_threads(args) -> None:
 
 
 def _cmd_make_digits(args) -> int:
-    from .testbed.digits_task import make_digits
+    from ..testbed.digits_task import make_digits
 
     t = make_digits(args.dir, label_map=args.map, pool_size=args.pool_size,
                     train_size=args.train_size, eval_size=args.eval_size, seed=args.seed)
@@ -269,7 +269,7 @@ def _cmd_make_digits(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .data import DataError, TaskData
+    from ..data import DataError, TaskData
 
     try:
         t = TaskData.from_dir(args.dir)
@@ -281,7 +281,7 @@ def _cmd_check(args) -> int:
 
 
 def _load_data(path: str):
-    from .data import DataError, load_task
+    from ..data import DataError, load_task
 
     try:
         return load_task(path)
@@ -290,10 +290,10 @@ def _load_data(path: str):
 
 
 def _cmd_train(args) -> int:
-    from .train import distributed as ddp
-    from .train.baselines import TRAINED_METHODS, mean_activation_vectors
-    from .train.config import TrainConfig
-    from .train.distill import Distiller
+    from ..train import distributed as ddp
+    from ..train.baselines import TRAINED_METHODS, mean_activation_vectors
+    from ..train.config import TrainConfig
+    from ..train.distill import Distiller
 
     _setup_threads(args)
     dist = ddp.init(device=str(ddp.local_device(args.device)))
@@ -369,9 +369,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .train.baselines import mean_activation_vectors
-    from .train.evaluate import compare, format_table
-    from .vectors import M2IV
+    from ..train.baselines import mean_activation_vectors
+    from ..train.evaluate import compare, format_table
+    from ..vectors import M2IV
 
     _setup_threads(args)
     data = _load_data(args.data)
