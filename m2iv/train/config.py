@@ -32,7 +32,7 @@ class TrainConfig:
     # task
     shots: int = 16
     pool_size: int | None = None  # None: the whole pool split
-    teacher_sets: int = 16  # demonstration sets averaged into each query's teacher target
+    teacher_sets: int = 4  # demonstration sets averaged into each query's teacher target
     # optimisation
     steps: int = 2000  # the step cap
     batch_size: int = 128  # queries per micro-batch (global, over all ranks)

@@ -54,7 +54,7 @@ def test_quick_mode_writes_every_row_on_one_query_set(tmp_path, capsys):
     assert set(doc["maps"]) == {"heldout0", "succ"}
     for m, d in doc["maps"].items():
         assert len(set(d["_query_digest"])) == 1 and len(d["_query_digest"]) == 3
-        for row in ("zero-shot", "m2iv", "live", "mha-only", "mlp-only", "mean-activation"):
+        for row in ("zero-shot", "m2iv", "live", "mha-only", "mean-activation"):
             assert len(d[row]) == 1 and 0 <= d[row][0] <= 100, (m, row)
         assert set(d["icl-random"]) == set(d["icl-balanced"]) == {"0", "4", "16"}
         assert d["_train"]["m2iv"][0]["steps"] == 60
