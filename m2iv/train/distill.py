@@ -118,8 +118,6 @@ class Distiller:
         self._base_meta = dict(base.meta)
         self.vectors = M2IV(*(self.params[n] for n in TENSORS), self.layers, self._base_meta,
                             check_finite=False)
-        self.handle = patch_model(model, self.vectors, positions=cfg.positions,
-                                  backend=cfg.backend)
         self._o_proj_w = [self.info.layer(i).o_proj.weight for i in self.layers]
         self.forward = AnswerForward(model, [self.info.layers[i] for i in self.layers],
                                      cfg.amp)
@@ -130,6 +128,9 @@ class Distiller:
             batch_size=cfg.teacher_batch_size or cfg.batch_size, cache=self.cache,
             model_fp=model_fingerprint(model), builder_fp=self.builder.fingerprint(),
             layers=self.layers)
+        # last: nothing after this can fail and leave the model patched
+        self.handle = patch_model(model, self.vectors, positions=cfg.positions,
+                                  backend=cfg.backend)
 
         self.scales: dict[str, float] | None = None
         self.step = 0
@@ -219,19 +220,12 @@ class Distiller:
     def _calibrate(self) -> dict[str, float]:
         cfg = self.cfg
         if not isinstance(cfg.lr_scale, str):
-            s = float(cfg.lr_scale)
-            return {"mlp": s, "mha": s}
+            return {"mlp": float(cfg.lr_scale), "mha": float(cfg.lr_scale)}
         # a fixed set (the first 16 queries of the stream), whatever the batch split
         queries = self.sampler.queries(0, min(16, max(len(self.train_items), 1)))
         lo, hi = ddp.shard_bounds(len(queries), self.dist.rank, self.dist.world_size)
-        sq, cnt = 0.0, 0.0
-        if hi > lo:
-            with torch.no_grad(), unsteered(self.handle):
-                enc = self.builder.encode(queries[lo:hi], None, with_answer=True)
-                _, h = self.forward(enc, capture=True)  # [B, L, A, D]
-            m = enc.answer_mask.to(h.device)[:, None, :, None].float()
-            sq = float((h.float().pow(2) * m).sum())
-            cnt = float(m.sum()) * h.shape[1] * h.shape[-1]
+        with unsteered(self.handle):
+            sq, cnt = self.forward.answer_square_sum(self.builder, queries[lo:hi])
         tot = self.dist.sum_floats({"sq": sq, "cnt": cnt})
         rms = math.sqrt(tot["sq"] / max(tot["cnt"], 1.0)) or 1.0
         gain = sum(self.info.o_proj_gain(i) for i in self.layers) / len(self.layers)

@@ -109,3 +109,15 @@ class AnswerForward:
             ans_logits = torch.gather(logits, 1, ix)
             hidden = cap.stacked() if cap is not None else None
         return ans_logits, hidden
+
+    @torch.no_grad()
+    def answer_square_sum(self, builder, queries) -> tuple[float, float]:
+        """``(sum of squares, count)`` of the layers' outputs at the zero-shot prompts' answer
+        positions: the residual stream's scale, for learning rates relative to it."""
+        if not queries:
+            return 0.0, 0.0
+        enc = builder.encode(list(queries), None, with_answer=True)
+        _, h = self(enc, capture=True)  # [B, L, A, D]
+        m = enc.answer_mask.to(h.device)[:, None, :, None].float()
+        return float((h.float().pow(2) * m).sum()), float(m.sum()) * h.shape[1] * h.shape[-1]
+
