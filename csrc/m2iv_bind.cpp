@@ -1,9 +1,8 @@
-// Registration of the m2iv_ext operators (TORCH_LIBRARY: the dispatcher, torch.compile and
-// torch.ops.m2iv_ext see them, with Meta kernels for shape propagation) and the pybind11
-// module that m2iv_kernels/ext.py calls directly (cheaper than a dispatcher round trip, which
-// matters at decode shapes).
+// The pybind11 module that m2iv_kernels/ext.py calls: one entry per launcher, routed to the CPU
+// or CUDA kernels by the device of the activations. There is no TORCH_LIBRARY registration:
+// the one op registry is torch.ops.m2iv_kernels (m2iv_kernels/custom_ops.py), which serves
+// every backend and calls these functions.
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include "m2iv_ext.h"
 
@@ -62,76 +61,8 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
                         rstd, weight, weight_offset, need_dw, mask, index, rows_per_seq, n_bank);
 }
 
-// ---- Meta kernels: shapes and dtypes only
-
-void steer_fwd_meta(const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
-                    const OptTensor&, const OptTensor&, int64_t) {}
-
-Tensor steer_colsum_meta(const Tensor& grad, const OptTensor&, const OptTensor&, int64_t,
-                         int64_t n_bank) {
-  return at::empty({n_bank, grad.size(1)}, grad.options().dtype(at::kFloat));
-}
-
-std::tuple<Tensor, Tensor, Tensor> rmsnorm_fwd_meta(const Tensor&, const Tensor& x,
-                                                    const Tensor&, const Tensor&, const Tensor&,
-                                                    double, double, const OptTensor&,
-                                                    const OptTensor&, int64_t) {
-  return {at::empty(x.sizes(), x.options()), at::empty(x.sizes(), x.options()),
-          at::empty({x.size(0)}, x.options().dtype(at::kFloat))};
-}
-
-std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd_meta(const Tensor&, const OptTensor&,
-                                                    const Tensor& y, const Tensor&,
-                                                    const Tensor&, double, bool need_dw,
-                                                    const OptTensor&, const OptTensor&, int64_t,
-                                                    int64_t n_bank) {
-  const auto f = y.options().dtype(at::kFloat);
-  return {at::empty(y.sizes(), y.options()), at::empty({need_dw ? y.size(1) : 0}, f),
-          at::empty({n_bank, y.size(1)}, f)};
-}
-
 }  // namespace
 }  // namespace m2iv
-
-TORCH_LIBRARY(m2iv_ext, m) {
-  m.def(
-      "steer_fwd(Tensor x, Tensor? residual, Tensor(a!) out, Tensor vectors, Tensor gates, "
-      "Tensor? mask, Tensor? index, int rows_per_seq) -> ()");
-  m.def(
-      "steer_colsum(Tensor grad, Tensor? mask, Tensor? index, int rows_per_seq, int n_bank) "
-      "-> Tensor");
-  m.def(
-      "rmsnorm_fwd(Tensor residual, Tensor x, Tensor vectors, Tensor gates, Tensor weight, "
-      "float eps, float weight_offset, Tensor? mask, Tensor? index, int rows_per_seq) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "rmsnorm_bwd(Tensor grad_normed, Tensor? grad_residual, Tensor new_residual, Tensor rstd, "
-      "Tensor weight, float weight_offset, bool need_dw, Tensor? mask, Tensor? index, "
-      "int rows_per_seq, int n_bank) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(m2iv_ext, CPU, m) {
-  m.impl("steer_fwd", &m2iv::cpu::steer_fwd);
-  m.impl("steer_colsum", &m2iv::cpu::steer_colsum);
-  m.impl("rmsnorm_fwd", &m2iv::cpu::rmsnorm_fwd);
-  m.impl("rmsnorm_bwd", &m2iv::cpu::rmsnorm_bwd);
-}
-
-#ifdef M2IV_WITH_CUDA
-TORCH_LIBRARY_IMPL(m2iv_ext, CUDA, m) {
-  m.impl("steer_fwd", &m2iv::cuda::steer_fwd);
-  m.impl("steer_colsum", &m2iv::cuda::steer_colsum);
-  m.impl("rmsnorm_fwd", &m2iv::cuda::rmsnorm_fwd);
-  m.impl("rmsnorm_bwd", &m2iv::cuda::rmsnorm_bwd);
-}
-#endif
-
-TORCH_LIBRARY_IMPL(m2iv_ext, Meta, m) {
-  m.impl("steer_fwd", &m2iv::steer_fwd_meta);
-  m.impl("steer_colsum", &m2iv::steer_colsum_meta);
-  m.impl("rmsnorm_fwd", &m2iv::rmsnorm_fwd_meta);
-  m.impl("rmsnorm_bwd", &m2iv::rmsnorm_bwd_meta);
-}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "m2iv steering kernels (C++ CPU and CUDA); see m2iv_kernels/ext.py";

@@ -70,9 +70,11 @@ void check_rmsnorm_bwd(const Tensor& grad_normed, const OptTensor& grad_residual
 void check_meta(const OptTensor& mask, const OptTensor& index, int64_t R, int64_t rows_per_seq) {
   TORCH_CHECK(rows_per_seq >= 1, "m2iv_ext: rows_per_seq must be >= 1");
   if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() &&
+    const auto mt = mask->scalar_type();
+    TORCH_CHECK((mt == at::kBool || kernel_dtype(mt)) && mask->is_contiguous() &&
                     mask->numel() == R,
-                "m2iv_ext: mask must be a contiguous float32 [", R, "] tensor");
+                "m2iv_ext: mask must be a contiguous bool, float32, float16 or bfloat16 [", R,
+                "] tensor");
   }
   if (index) {
     TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous() &&
@@ -114,6 +116,24 @@ void check_steer(const Tensor& x, const OptTensor& residual, const Tensor& out,
 
 namespace cpu {
 namespace {
+
+// A per-row mask, read in its own dtype (bool, float32, float16 or bfloat16): no conversion
+// kernel per call.
+struct Mask {
+  const void* p = nullptr;
+  at::ScalarType dt = at::kFloat;
+  explicit operator bool() const { return p != nullptr; }
+  float operator[](int64_t r) const {
+    switch (dt) {
+      case at::kBool: return static_cast<const bool*>(p)[r] ? 1.f : 0.f;
+      case at::kHalf: return static_cast<float>(static_cast<const at::Half*>(p)[r]);
+      case at::kBFloat16: return static_cast<float>(static_cast<const at::BFloat16*>(p)[r]);
+      default: return static_cast<const float*>(p)[r];
+    }
+  }
+};
+
+Mask mask_of(const OptTensor& m) { return m ? Mask{m->data_ptr(), m->scalar_type()} : Mask{}; }
 
 // ------------------------------------------------------------------------------------------
 // Vector helpers: a unit is 2 * Vectorized<float>::size() elements (one Vectorized<Half>)
@@ -395,7 +415,7 @@ void steer_row(const T* x, const T* res, T* out, const float* s, float m, int64_
 
 template <typename T, bool RES, bool NT>
 void steer_rows(const T* x, int64_t sx, const T* res, int64_t sr, T* out, int64_t so,
-                const Steering& st, const float* mask, int64_t R, int64_t C) {
+                const Steering& st, Mask mask, int64_t R, int64_t C) {
   const bool inplace = !RES && (const void*)x == (const void*)out && sx == so;
   at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -419,7 +439,7 @@ void steer_rows(const T* x, int64_t sx, const T* res, int64_t sr, T* out, int64_
 
 template <typename T, bool RES>
 void steer_rows(const T* x, int64_t sx, const T* res, int64_t sr, T* out, int64_t so,
-                const Steering& st, const float* mask, int64_t R, int64_t C) {
+                const Steering& st, Mask mask, int64_t R, int64_t C) {
   // in place, the destination lines are already in cache: plain stores
   const bool inplace = (const void*)x == (const void*)out;
   if (!inplace && use_stream(out, so, R, C))
@@ -511,7 +531,7 @@ inline int64_t bank_of(const int64_t* idx, int64_t r, int64_t rps, int64_t NB) {
 }
 
 template <typename T>
-void colsum_rows(const T* g, int64_t sg, const float* mask, const int64_t* idx, int64_t rps,
+void colsum_rows(const T* g, int64_t sg, Mask mask, const int64_t* idx, int64_t rps,
                  int64_t R, int64_t C, Partials& part) {
   const int64_t K = part.K;
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
@@ -537,7 +557,7 @@ void colsum_rows(const T* g, int64_t sg, const float* mask, const int64_t* idx, 
 
 template <typename T, bool NT>
 void rms_fwd_rows(const T* x, int64_t sx, const T* res, int64_t sr, const Steering& st,
-                  const float* mask, const float* w, float eps, int64_t R, int64_t C,
+                  Mask mask, const float* w, float eps, int64_t R, int64_t C,
                   T* normed, T* new_res, float* rstd) {
   at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
     // the rounded row in fp32 for the second pass (L1/L2-resident), so the outputs can stream
@@ -629,7 +649,7 @@ void rms_fwd_rows(const T* x, int64_t sx, const T* res, int64_t sr, const Steeri
 
 template <typename T>
 void rms_bwd_rows(const T* gn, int64_t sgn, const T* gr, int64_t sgr, const T* y,
-                  const float* rstd, const float* w, const float* mask, const int64_t* idx,
+                  const float* rstd, const float* w, Mask mask, const int64_t* idx,
                   int64_t rps, int64_t R, int64_t C, T* dy, Partials& pg, Partials* pw) {
   const int64_t K = pg.K;
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
@@ -751,7 +771,7 @@ void steer_fwd(const Tensor& x, const OptTensor& residual, const Tensor& out,
   const int64_t R = x.size(0), C = x.size(1);
   if (R == 0 || C == 0) return;
   const Steering st = make_steering(vectors, gates, index, rows_per_seq);
-  const float* mk = mask ? mask->data_ptr<float>() : nullptr;
+  const Mask mk = mask_of(mask);
   M2IV_DISPATCH3(x.scalar_type(), T, [&] {
     const T* xp = x.data_ptr<T>();
     T* op = out.data_ptr<T>();
@@ -773,7 +793,7 @@ Tensor steer_colsum(const Tensor& grad, const OptTensor& mask, const OptTensor& 
   if (R == 0 || C == 0 || n_bank == 0) return out;
   Partials part(n_chunks(R, C, n_bank), n_bank, C, out.data_ptr<float>());
   M2IV_DISPATCH3(grad.scalar_type(), T, [&] {
-    colsum_rows<T>(grad.data_ptr<T>(), grad.stride(0), mask ? mask->data_ptr<float>() : nullptr,
+    colsum_rows<T>(grad.data_ptr<T>(), grad.stride(0), mask_of(mask),
                    index ? index->data_ptr<int64_t>() : nullptr, rows_per_seq, R, C, part);
   });
   return out;
@@ -818,7 +838,7 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_fwd(const Tensor& residual, const Ten
     auto run = [&](auto nt) {
       rms_fwd_rows<T, decltype(nt)::value>(
           x.data_ptr<T>(), x.stride(0), residual.data_ptr<T>(), residual.stride(0), st,
-          mask ? mask->data_ptr<float>() : nullptr, w.get(), (float)eps, R, C,
+          mask_of(mask), w.get(), (float)eps, R, C,
           normed.data_ptr<T>(), new_res.data_ptr<T>(), rstd.data_ptr<float>());
     };
     if (use_stream(normed.data_ptr<T>(), C, R, C, kStreamMinBytesRms) &&
@@ -854,7 +874,7 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
     rms_bwd_rows<T>(grad_normed.data_ptr<T>(), grad_normed.stride(0),
                     grad_residual ? grad_residual->data_ptr<T>() : nullptr,
                     grad_residual ? grad_residual->stride(0) : 0, new_residual.data_ptr<T>(),
-                    rstd.data_ptr<float>(), w.get(), mask ? mask->data_ptr<float>() : nullptr,
+                    rstd.data_ptr<float>(), w.get(), mask_of(mask),
                     index ? index->data_ptr<int64_t>() : nullptr, rows_per_seq, R, C,
                     dy.data_ptr<T>(), pg, pw.get());
   });

@@ -110,6 +110,11 @@ __device__ __forceinline__ float load_scalar(const void* base, int dt, int64_t i
   return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
 }
 
+__device__ __forceinline__ float mask_at(const void* mask, int dt, int64_t r) {
+  if (dt == kBool) return static_cast<const bool*>(mask)[r] ? 1.f : 0.f;
+  return load_scalar(mask, dt, r);
+}
+
 __device__ __forceinline__ int64_t bank_of(const RowMeta& meta, int64_t r) {
   return meta.index ? meta.index[r / meta.rows_per_seq] : 0;
 }
@@ -196,7 +201,7 @@ __global__ void __launch_bounds__(kSteerThreads) steer_fwd_kernel(const SteerPar
         }
       }
       if (p.meta.mask) {
-        const float m = p.meta.mask[r];
+        const float m = mask_at(p.meta.mask, p.meta.mask_dtype, r);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) xv[k][j] += s[j] * m;
       } else {
@@ -231,7 +236,8 @@ __device__ __forceinline__ ChunkRange chunk_rows(int64_t part, int64_t n_chunks,
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kColX* kColY)
     colsum_kernel(const T* __restrict__ g, int64_t sg, int64_t R, int64_t C,
-                  const float* __restrict__ mask, int64_t rps, int64_t rows_per_chunk,
+                  const void* __restrict__ mask, int mask_dt, int64_t rps,
+                  int64_t rows_per_chunk,
                   int64_t n_chunks, float* __restrict__ part) {
   __shared__ float smem[kColY][kColX * VEC];
   const int64_t c0 = ((int64_t)blockIdx.y * kColX + threadIdx.x) * VEC;
@@ -245,7 +251,7 @@ __global__ void __launch_bounds__(kColX* kColY)
     for (int64_t r = cr.start + threadIdx.y; r < cr.end; r += kColY) {
       float v[VEC];
       load_f<T, VEC>(g + r * sg + c0, v);
-      const float m = mask ? mask[r] : 1.f;
+      const float m = mask ? mask_at(mask, mask_dt, r) : 1.f;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) acc[j] += v[j] * m;
     }
@@ -349,7 +355,7 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_fwd_kernel(const RmsFwdPa
     if (b >= 0 && b < p.meta.n_bank) {
       bank = b;
       gate = load_scalar(p.gate, p.gdt, b);
-      if (p.meta.mask) m = p.meta.mask[row];
+      if (p.meta.mask) m = mask_at(p.meta.mask, p.meta.mask_dtype, row);
     }
   }
   auto add_row = [&](int64_t c0, float (&a)[VEC]) {
@@ -424,7 +430,8 @@ struct RmsBwdParams {
   bool w_aligned, need_dw;
   float w_off;
   int64_t R, C;
-  const float* mask;
+  const void* mask;
+  int mask_dt;
   int64_t rps, rows_per_chunk, n_chunks;
   void* dy;
   float* part_g;
@@ -504,7 +511,7 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_bwd_kernel(const RmsBwdPa
       if (valid) {
         const float rs = p.rstd[r];
         const float coef = rs * rs * (d / (float)p.C);
-        const float m = p.mask ? p.mask[r] : 1.f;
+        const float m = p.mask ? mask_at(p.mask, p.mask_dt, r) : 1.f;
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
           const int64_t g = threadIdx.x + (int64_t)i * blockDim.x;
@@ -562,7 +569,7 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_bwd_kernel(const RmsBwdPa
       d = row_sum(d, smem);
       const float rs = p.rstd[r];
       const float coef = rs * rs * (d / (float)p.C);
-      const float m = p.mask ? p.mask[r] : 1.f;
+      const float m = p.mask ? mask_at(p.mask, p.mask_dt, r) : 1.f;
       for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
         float w[VEC], gn[VEC], y[VEC], ag[VEC], aw[VEC];
         load_param<VEC>(p.w, p.wdt, g * VEC, p.w_aligned, w);
@@ -641,7 +648,7 @@ void launch_colsum(const T* g, int64_t sg, int64_t R, int64_t C, const RowMeta& 
   const int64_t per_chunk = (meta.rows_per_seq + n_chunks - 1) / n_chunks;
   const dim3 grid((unsigned)(n_seq * n_chunks), (unsigned)((groups + kColX - 1) / kColX));
   colsum_kernel<T, VEC><<<grid, dim3(kColX, kColY), 0, stream>>>(
-      g, sg, R, C, meta.mask, meta.rows_per_seq, per_chunk, n_chunks, part);
+      g, sg, R, C, meta.mask, meta.mask_dtype, meta.rows_per_seq, per_chunk, n_chunks, part);
 }
 
 void launch_reduce(const float* part, int64_t n_seq, int64_t n_chunks, int64_t C,
@@ -652,7 +659,8 @@ void launch_reduce(const float* part, int64_t n_seq, int64_t n_chunks, int64_t C
 
 template <typename T, int VEC>
 void launch_rms_fwd(const RmsFwdParams& p, cudaStream_t stream) {
-  const RowCfg cfg = row_cfg(p.C, VEC, 8, 256);
+  // scalar rows (VEC == 1) hold at most 4 values a thread: 8 would spill (ptxas, sm_90)
+  const RowCfg cfg = row_cfg(p.C, VEC, VEC > 1 ? 8 : 4, 256);
   const dim3 block(cfg.tpr, cfg.rpb);
   const unsigned grid = (unsigned)((p.R + cfg.rpb - 1) / cfg.rpb);
   const size_t shmem = (size_t)cfg.rpb * 32 * sizeof(float);
@@ -660,7 +668,12 @@ void launch_rms_fwd(const RmsFwdParams& p, cudaStream_t stream) {
     case 1: rmsnorm_fwd_kernel<T, VEC, 1><<<grid, block, shmem, stream>>>(p); break;
     case 2: rmsnorm_fwd_kernel<T, VEC, 2><<<grid, block, shmem, stream>>>(p); break;
     case 4: rmsnorm_fwd_kernel<T, VEC, 4><<<grid, block, shmem, stream>>>(p); break;
-    case 8: rmsnorm_fwd_kernel<T, VEC, 8><<<grid, block, shmem, stream>>>(p); break;
+    case 8:
+      if constexpr (VEC > 1) {
+        rmsnorm_fwd_kernel<T, VEC, 8><<<grid, block, shmem, stream>>>(p);
+        break;
+      }
+      [[fallthrough]];
     default: rmsnorm_fwd_kernel<T, VEC, 0><<<grid, block, shmem, stream>>>(p); break;
   }
 }
@@ -776,6 +789,7 @@ cudaError_t rmsnorm_bwd(DType act, const void* grad_normed, int64_t stride_gn,
   }
   RmsBwdParams p{grad_normed, grad_residual, stride_gn, stride_gr, new_res, rstd, weight,
                  w_dtype, aligned16(weight), dw != nullptr, weight_offset, R, C, meta.mask,
+                 meta.mask_dtype,
                  meta.rows_per_seq, cdiv(meta.rows_per_seq, n_chunks), n_chunks, dy, part_g,
                  dw ? part_w : nullptr};
   const int64_t n_parts = n_seq * n_chunks;

@@ -3,13 +3,13 @@
 // m2iv_cuda.cu implements it and compiles with plain nvcc (no torch headers); the torch binding
 // (m2iv_cuda_bind.cpp) allocates tensors, picks the stream and calls these launchers.
 //
-// Layout (the launcher contract of m2iv_kernels/triton_kernels.py):
+// Layout (the launcher contract of m2iv_kernels/backends.py):
 //   activations  [R, C] rows with unit column stride and row stride `stride_*` (in elements);
 //   vectors      contiguous bank [NB, H, Dh] (C = H * Dh), gates [NB, H];
 //   rows         row r belongs to sequence r / rows_per_seq, whose bank row is index[seq]
 //                (index == nullptr: bank row 0); rows whose bank row is out of [0, NB) are
-//                left unsteered and excluded from the vector gradients; mask[r] (fp32, may be
-//                nullptr) scales the steering term.
+//                left unsteered and excluded from the vector gradients; mask[r] (bool or
+//                float, may be nullptr) scales the steering term.
 // Every sum is accumulated in fp32 and rounded once to the activation dtype.
 // Every launcher returns a cudaError_t (cudaSuccess == 0).
 #pragma once
@@ -19,10 +19,11 @@
 
 namespace m2iv_cuda {
 
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kBool = 3 };
 
 struct RowMeta {
-  const float* mask;     // [R] or nullptr
+  const void* mask;      // [R] or nullptr, read in its own dtype:
+  DType mask_dtype;      //   kBool, kFloat32, kFloat16 or kBFloat16
   const int64_t* index;  // [n_seq] or nullptr
   int64_t rows_per_seq;  // >= 1
   int64_t n_bank;        // NB

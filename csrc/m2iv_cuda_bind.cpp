@@ -25,6 +25,7 @@ m2iv_cuda::DType dtype_of(const Tensor& t) {
     case at::kFloat: return m2iv_cuda::kFloat32;
     case at::kHalf: return m2iv_cuda::kFloat16;
     case at::kBFloat16: return m2iv_cuda::kBFloat16;
+    case at::kBool: return m2iv_cuda::kBool;
     default: TORCH_CHECK(false, "m2iv_ext: unsupported dtype ", t.scalar_type());
   }
 }
@@ -40,7 +41,7 @@ const Tensor* opt(const OptTensor& t) { return t ? &*t : nullptr; }
 
 m2iv_cuda::RowMeta meta_of(const OptTensor& mask, const OptTensor& index, int64_t rows_per_seq,
                            int64_t n_bank) {
-  return {mask ? mask->data_ptr<float>() : nullptr,
+  return {mask ? mask->data_ptr() : nullptr, mask ? dtype_of(*mask) : m2iv_cuda::kFloat32,
           index ? index->data_ptr<int64_t>() : nullptr, rows_per_seq, n_bank};
 }
 

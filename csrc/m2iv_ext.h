@@ -1,8 +1,8 @@
 // The m2iv_ext operators: declarations shared by the CPU kernels (m2iv_cpu.cpp), the CUDA
-// binding (m2iv_cuda_bind.cpp) and the registration / Python module (m2iv_bind.cpp).
+// binding (m2iv_cuda_bind.cpp) and the Python module (m2iv_bind.cpp).
 //
-// Arguments follow the launcher contract of m2iv_kernels/triton_kernels.py, with the Rows
-// metadata passed as (mask [R] fp32 or None, index [B] int64 or None, rows_per_seq, n_bank).
+// Arguments follow the launcher contract of m2iv_kernels/backends.py, with the Rows metadata
+// passed as (mask [R] bool/float or None, index [B] int64 or None, rows_per_seq, n_bank).
 #pragma once
 
 #include <ATen/core/Tensor.h>

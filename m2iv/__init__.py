@@ -12,8 +12,8 @@ command) does not import torch.
 import importlib
 
 from ._version import __version__
-from .errors import (IncompatibleVectorsError, M2IVError, UnsupportedModelError,
-                     VectorsFormatError, VectorsMismatchError)
+from .errors import (IncompatibleVectorsError, M2IVError, M2IVWarning, MissingDependencyError,
+                     UnsupportedModelError, VectorsFormatError, VectorsMismatchError)
 
 # public name -> the module defining it (imported by __getattr__ on first access)
 _LAZY = {"M2IV": ".vectors", "patch_model": ".patch", "unpatch_model": ".patch",
@@ -21,7 +21,7 @@ _LAZY = {"M2IV": ".vectors", "patch_model": ".patch", "unpatch_model": ".patch",
 
 __all__ = ["M2IV", "patch_model", "unpatch_model", "steer", "PatchHandle", "VLibrary",
            "M2IVError", "VectorsMismatchError", "IncompatibleVectorsError", "VectorsFormatError",
-           "UnsupportedModelError", "__version__"]
+           "UnsupportedModelError", "MissingDependencyError", "M2IVWarning", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,10 +1,11 @@
 """Atomic file writes: a crash or error at any point leaves the old file or the new one,
-never a half-written file. One implementation for vectors, checkpoints, caches and exports."""
+never a half-written file. One implementation for vectors, checkpoints, caches and exports.
+New files get the permissions the umask gives (``0o666 & ~umask``), like any other file."""
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 
 __all__ = ["atomic_path", "atomic_write", "fsync_dir"]
@@ -34,8 +35,10 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".m2iv-", suffix=".tmp", dir=directory)
-    os.close(fd)
+    # O_EXCL with mode 0o666 lets the umask decide the final permissions, as for any file the
+    # user creates (mkstemp would leave every saved file readable by its owner only)
+    tmp = os.path.join(directory, f".m2iv-{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         if durable:

@@ -11,17 +11,23 @@ A *bank* stacks N such sets along a new leading dimension (``M2IV.stack``) so on
 serve several tasks (``handle.select(index)``).
 
 File format (``save`` / ``load``): safetensors with four tensors ``mha``, ``mha_gates``,
-``mlp``, ``mlp_gates`` and one header metadata entry ``"m2iv"``: a JSON object holding
-``meta`` plus ``"layers"`` (the covered decoder-layer indices). Never pickle.
+``mlp``, ``mlp_gates`` and two header metadata entries: ``"m2iv"``, a JSON object holding
+``meta`` plus ``"layers"`` (the covered decoder-layer indices), and ``"m2iv.sha256"``, the
+checksum of that JSON text and of every tensor's name, dtype, shape and bytes
+(:func:`checksum`). ``load`` verifies it, so a flipped byte anywhere in the data or the
+metadata is an error rather than changed values; files saved before the checksum existed load
+with an :class:`~m2iv.errors.M2IVWarning`. Never pickle.
 
 (Over 500 lines on purpose: one public class whose every constructor, combinator and file path
 shares the same validation rules, which read best in one place.)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,12 +35,14 @@ import torch
 
 from ._atomic import atomic_write
 from ._version import __version__
-from .errors import IncompatibleVectorsError, VectorsFormatError
+from .errors import IncompatibleVectorsError, M2IVWarning, VectorsFormatError
 
-__all__ = ["M2IV", "FORMAT_VERSION", "METADATA_KEY", "format_layers"]
+__all__ = ["M2IV", "FORMAT_VERSION", "METADATA_KEY", "CHECKSUM_KEY", "checksum",
+           "format_layers"]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "m2iv"
+CHECKSUM_KEY = "m2iv.sha256"
 TENSOR_NAMES = ("mha", "mha_gates", "mlp", "mlp_gates")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # meta keys derived from the tensors: always consistent with them
@@ -215,8 +223,11 @@ class M2IV:
                 "mlp_gates": self.mlp_gates}
 
     def check_finite(self) -> None:
-        """Raise :class:`VectorsFormatError` naming the tensor (and layer) holding NaN or inf."""
+        """Raise :class:`VectorsFormatError` naming the tensor (and layer) holding NaN or inf
+        (tensors on the meta device have no values to check)."""
         for name, t in self.tensors().items():
+            if t.is_meta:
+                continue
             bad = ~torch.isfinite(t.detach())
             if bool(bad.any()):
                 layer_axis = 1 if self.is_bank else 0
@@ -492,7 +503,8 @@ class M2IV:
         except (TypeError, ValueError) as err:
             raise VectorsFormatError(f"meta must be JSON-serialisable: {err}") from None
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()}
-        data = st_save(tensors, metadata={METADATA_KEY: text})
+        data = st_save(tensors, metadata={METADATA_KEY: text,
+                                          CHECKSUM_KEY: checksum(text, tensors)})
         atomic_write(path, data)
 
     @staticmethod
@@ -503,28 +515,64 @@ class M2IV:
 
     @staticmethod
     def load(path: str | os.PathLike, device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None) -> M2IV:
+             dtype: torch.dtype | None = None, *, verify: bool = True) -> M2IV:
         """Load and validate a file written by :meth:`save`.
+
+        ``verify``: check the file's checksum (module docstring); a file without one loads
+        with an :class:`~m2iv.errors.M2IVWarning`. ``False`` skips both, for callers that have
+        just verified the whole file themselves (the library checks its sha256).
 
         Raises:
             FileNotFoundError: no file at ``path``.
-            VectorsFormatError: not safetensors / truncated / corrupt, no ``m2iv`` metadata, bad
-                JSON, unsupported format version, missing/extra/non-float tensors, inconsistent
-                shapes or metadata, NaN or inf (each with its own message).
+            VectorsFormatError: not safetensors / truncated / corrupt, a checksum mismatch, no
+                ``m2iv`` metadata, bad JSON, unsupported format version, missing/extra/non-float
+                tensors, inconsistent shapes or metadata, NaN or inf (each with its own
+                message).
         """
-        tensors, header = _read_file(path, tensors=True)
+        tensors, header, verified = _read_file(path, tensors=True, verify=verify)
         layers = header.pop("layers")
         try:
             v = M2IV(tensors["mha"], tensors["mha_gates"], tensors["mlp"], tensors["mlp_gates"],
                      layers, header)
         except VectorsFormatError as err:
             raise VectorsFormatError(f"{os.fspath(path)}: {err}") from None
+        if verified is False:
+            warnings.warn(f"{os.fspath(path)} has no checksum (it was saved before m2iv stored "
+                          "one), so its contents cannot be verified; M2IV.load(path).save(path) "
+                          "adds one", M2IVWarning, stacklevel=2)
         if device is not None or dtype is not None:
             v = v.to(device=device, dtype=dtype)
         return v
 
 
-def _read_file(path, tensors: bool):
+def checksum(text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The ``m2iv.sha256`` of a vectors file: sha256 over the ``m2iv`` header JSON ``text``
+    and, in :data:`TENSOR_NAMES` order, each tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(text.encode())
+    for name in TENSOR_NAMES:
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\n{name}:{str(t.dtype).removeprefix('torch.')}:{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _verify(path: str, header_meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> bool:
+    """False for a file without a checksum; an error for one whose checksum differs."""
+    want = header_meta.get(CHECKSUM_KEY)
+    if want is None:
+        return False
+    got = checksum(header_meta[METADATA_KEY], tensors)
+    if got != want:
+        raise VectorsFormatError(f"{path}: checksum mismatch: the tensor data or metadata "
+                                 f"changed after the file was saved (sha256 {got[:16]}..., "
+                                 f"recorded {want[:16]}...); the file is corrupt: restore it "
+                                 "from a copy or save the vectors again")
+    return True
+
+
+def _read_file(path, tensors: bool, verify: bool = False):
+    """``(tensors, header document, verified)``: ``verified`` is None when not checked, False
+    for a file without a checksum (a mismatch raises)."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -567,7 +615,8 @@ def _read_file(path, tensors: bool):
         if t.dtype not in _FLOAT_DTYPES:
             raise VectorsFormatError(f"{path}: tensor {name!r} has dtype {t.dtype}; M2IV tensors "
                                      "must be float32, float16, bfloat16 or float64")
-    return loaded, header
+    verified = _verify(path, header_meta, loaded) if tensors and verify else None
+    return loaded, header, verified
 
 
 def format_layers(layers: Sequence[int]) -> str:

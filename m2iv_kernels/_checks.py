@@ -11,6 +11,7 @@ import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+MASK_DTYPES = KERNEL_DTYPES + (torch.bool,)  # masks the kernels read as they are
 
 
 def _shape(t: torch.Tensor | tuple) -> str:
@@ -112,7 +113,7 @@ def check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
 class Rows:
     """The flat ``[R]`` per-row metadata a kernel needs: mask, bank index, sequence length."""
 
-    mask: torch.Tensor | None  # [R] float32, contiguous
+    mask: torch.Tensor | None  # [R] bool, float32, float16 or bfloat16, contiguous
     index: torch.Tensor | None  # [B] int64, contiguous
     rows_per_seq: int  # rows of one sequence; R when there is no index
     n_bank: int
@@ -133,8 +134,9 @@ def row_meta(x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | N
     lead = x.shape[:-1]
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     m = None
-    if mask is not None:
-        m = torch.broadcast_to(mask, lead).reshape(-1).to(torch.float32).contiguous()
+    if mask is not None:  # read by the kernels in its own dtype: no conversion kernel
+        m = torch.broadcast_to(mask, lead).reshape(-1)
+        m = (m if m.dtype in MASK_DTYPES else m.to(torch.float32)).contiguous()
     idx = None if index is None else index.to(torch.int64).contiguous()
     rows_per_seq = n_rows if index is None else n_rows // max(x.shape[0], 1)
     return Rows(m, idx, max(rows_per_seq, 1), n_bank)

@@ -1,52 +1,119 @@
-"""Backend discovery and choice.
+"""The kernel backends: one table says what each is, where it runs and when ``auto`` picks it.
 
-A kernel backend is a module exposing the four launchers of the contract in
-``triton_kernels.py`` (``steer_fwd``, ``steer_colsum``, ``rmsnorm_fwd``, ``rmsnorm_bwd``).
-``"torch"`` is the reference in ``reference.py`` with PyTorch autograd; it is always available.
+Adding a backend is one :class:`Backend` entry in :data:`BACKENDS` plus its launcher module.
+A launcher module implements the contract below and may define ``UNAVAILABLE`` (a one-line
+reason it cannot run at all, else None) and ``supports(device) -> str | None`` (why it cannot
+run on that device, else None). ``"torch"`` has no launchers: ``ops.py`` runs the reference
+(``reference.py``) with PyTorch autograd for it.
+
+Launcher contract (every function takes and returns tensors on one device):
+    steer_fwd(x, residual, vectors, gates, meta, out=None) -> out
+        ``out [R, C] = [residual +] x + mask * gates * vectors``; ``out`` may be ``x``.
+    steer_colsum(grad, meta) -> [N, C] fp32
+        per bank row, the sum over its rows of ``mask * grad``.
+    rmsnorm_fwd(residual, x, vectors, gates, weight, eps, weight_offset, meta)
+        -> (normed [R, C], new_residual [R, C], rstd [R] fp32)
+    rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight, weight_offset,
+                need_dw, meta) -> (d new_residual [R, C], d weight [C] fp32 | None, [N, C] fp32)
+Activations are ``[R, C]`` row views with unit column stride (any row stride), vectors a
+contiguous bank ``[N, H, Dh]`` with gates ``[N, H]`` (``H = 1`` for the residual ops), and
+``meta`` the per-row metadata :class:`m2iv_kernels._checks.Rows`. Rows whose bank index lies
+outside ``[0, N)`` are left unsteered and get no vector gradient. Sums are fp32, and column
+sums (vector, gate and weight gradients) must be deterministic: same inputs, same bits.
+
+The automatic choice, per device type: the first available backend whose rule there is
+``"default"``; then every available backend whose rule is ``"if_faster"`` replaces it when a
+one-time measurement (``autochoice.py``) finds it faster.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
-BACKENDS = ("triton", "ext", "torch")
-ENV_VAR = "M2IV_BACKEND"
+__all__ = ["Backend", "BACKENDS", "available_backends", "resolve", "launchers"]
 
-# backend name -> module implementing the launcher contract
-_MODULES = {"triton": "m2iv_kernels.triton_kernels", "ext": "m2iv_kernels.ext"}
+ENV_VAR = "M2IV_BACKEND"
+ANY = "*"  # a device-type key matching every device
+
+
+def _triton_ready(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'triton>=3.6')"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Triton runs on the CPU only in its interpreter: TRITON_INTERPRET=1, set before "
+                "triton is first imported (slow: for tests, not speed)")
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One kernel backend.
+
+    Attributes:
+        name: the ``backend=`` value.
+        module: the launcher module (None: the PyTorch reference, no launchers).
+        devices: device types it has kernels for (``ANY``: every device).
+        auto: device type (or ``ANY``) -> ``"default"`` or ``"if_faster"``; absent: never
+            picked by ``auto`` on that device type.
+        ready: a check that needs no import of ``module``: None, or why it cannot run.
+    """
+
+    name: str
+    module: str | None
+    devices: tuple[str, ...]
+    auto: Mapping[str, str]
+    ready: Callable[[torch.device], str | None] = lambda device: None
+
+    def auto_rule(self, device: torch.device) -> str | None:
+        return self.auto.get(device.type, self.auto.get(ANY))
+
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend("triton", "m2iv_kernels.triton_backend", ("cuda", "cpu"), {"cuda": "default"},
+            _triton_ready),
+    Backend("ext", "m2iv_kernels.ext", ("cpu", "cuda"), {"cpu": "if_faster", "cuda": "if_faster"}),
+    Backend("torch", None, (ANY,), {ANY: "default"}),
+)
+
+
+def _get(name: str) -> Backend:
+    return next(b for b in BACKENDS if b.name == name)
 
 
 @functools.cache
 def _import(name: str) -> ModuleType | str:
-    """The backend's module, or a one-line reason it cannot be used."""
+    """The backend's launcher module, or a one-line reason it cannot be used."""
     try:
-        module = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_get(name).module)
     except Exception as err:  # noqa: BLE001 - any failure means "unavailable, and here is why"
         return f"{type(err).__name__}: {err}".splitlines()[0]
     return getattr(module, "UNAVAILABLE", None) or module
 
 
-def _reason(name: str, device: torch.device) -> str | None:
-    """None when ``name`` can run on ``device``, else why not."""
-    if name == "torch":
-        return None
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install 'triton>=3.6')"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return ("no GPU here; Triton runs on the CPU only under TRITON_INTERPRET=1, set "
-                    "before triton is first imported (slow: for tests, not speed)")
-        if device.type not in ("cpu", "cuda"):
-            return f"Triton kernels are not built for {device.type} devices"
+def unavailable(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else why not."""
+    b = _get(name)
+    if ANY not in b.devices and device.type not in b.devices:
+        return f"{name} has no kernels for {device.type} devices"
+    why = b.ready(device)
+    if why is not None or b.module is None:
+        return why
     module = _import(name)
     if isinstance(module, str):
         return module
     supports = getattr(module, "supports", None)
     return supports(device) if supports else None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, bool | str]:
@@ -55,48 +122,54 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, bo
     ``device`` defaults to the current CUDA device when there is one, else the CPU.
     """
     dev = torch.device(device) if device is not None else default_device()
-    return {name: _reason(name, dev) or True for name in BACKENDS}
+    return {b.name: unavailable(b.name, dev) or True for b in BACKENDS}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def _auto(device: torch.device) -> tuple[str, bool]:
+    """(the automatic choice, whether it is final). Not final when a measurement could not be
+    made now (inside a CUDA-graph capture or a torch.compile trace, or it failed)."""
+    from .autochoice import faster
+
+    usable = [b for b in BACKENDS if b.auto_rule(device) and unavailable(b.name, device) is None]
+    choice = next(b.name for b in usable if b.auto_rule(device) == "default")
+    final = True
+    for b in usable:
+        if b.auto_rule(device) == "if_faster":
+            verdict = faster(b.name, choice, device)
+            final = final and verdict is not None
+            choice = b.name if verdict else choice
+    return choice, final
 
 
-def _auto(device: torch.device) -> str:
-    """The automatic choice: Triton on CUDA, the extension where built and faster, else torch."""
-    if device.type == "cuda" and _reason("triton", device) is None:
-        preferred = _import("ext")
-        if not isinstance(preferred, str) and getattr(preferred, "faster_than_triton",
-                                                      lambda d: False)(device):
-            return "ext"
-        return "triton"
-    if device.type == "cpu" and _reason("ext", device) is None:
-        ext = _import("ext")
-        if getattr(ext, "faster_than_reference", lambda d: True)(device):
-            return "ext"
-    return "torch"
-
-
-@functools.lru_cache(maxsize=64)
-def _resolve_cached(backend: str, env: str | None, device: torch.device) -> str:
-    if backend == "auto" and env:
-        backend = env
-    if backend == "auto":
-        return _auto(device)
-    if backend not in BACKENDS:
-        source = f"{ENV_VAR}={env!r}" if env == backend else f"backend={backend!r}"
-        raise ValueError(f"unknown {source}; choose one of 'auto', " + ", ".join(
-            repr(b) for b in BACKENDS))
-    why = _reason(backend, device)
-    if why is not None:
-        raise RuntimeError(f"backend {backend!r} is unavailable on {device}: {why}")
-    return backend
+_DECIDED: dict[tuple[str, str | None, torch.device], str] = {}
 
 
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for a call; ``auto`` honours the ``M2IV_BACKEND`` variable.
-    A constant for ``torch.compile``: it is decided once, outside the graph."""
-    return _resolve_cached(backend, os.environ.get(ENV_VAR) or None, device)
+
+    A constant for ``torch.compile`` (decided outside the graph). Call it once before a
+    CUDA-graph capture so that ``auto`` is measured, not guessed, for what the graph records.
+    """
+    env = os.environ.get(ENV_VAR) or None
+    key = (backend, env, device)
+    done = _DECIDED.get(key)
+    if done is not None:
+        return done
+    name = env if backend == "auto" and env else backend
+    if name == "auto":
+        name, final = _auto(device)
+        if not final:
+            return name  # provisional: measured on a later call
+    elif name not in [b.name for b in BACKENDS]:
+        source = f"{ENV_VAR}={env!r}" if env == name else f"backend={name!r}"
+        raise ValueError(f"unknown {source}; choose one of 'auto', " + ", ".join(
+            repr(b.name) for b in BACKENDS))
+    else:
+        why = unavailable(name, device)
+        if why is not None:
+            raise RuntimeError(f"backend {name!r} is unavailable on {device}: {why}")
+    _DECIDED[key] = name
+    return name
 
 
 # What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo (and
@@ -104,8 +177,13 @@ def resolve(backend: str, device: torch.device) -> str:
 resolve._dynamo_marked_constant = True
 
 
-def kernels(name: str) -> ModuleType:
-    """The launcher module of a resolved kernel backend (``triton`` or ``ext``)."""
+def uses_launchers(name: str) -> bool:
+    """Whether backend ``name`` runs through a launcher module (not the reference)."""
+    return _get(name).module is not None
+
+
+def launchers(name: str) -> ModuleType:
+    """The launcher module of a resolved kernel backend."""
     module = _import(name)
     assert not isinstance(module, str), module
     return module

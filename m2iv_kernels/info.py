@@ -3,6 +3,11 @@
 Prints the versions (torch, triton, CUDA, Python), every backend per device with the reason
 when it is unavailable, what ``backend="auto"`` picks, and where and how the extension was
 built (loading it builds it first if needed). ``--json`` prints the same as one JSON object.
+
+``--compile sm_90`` instead compiles every kernel ahead of time for that CUDA target, no GPU
+needed (``compile_report.py``), and prints registers, spills, shared memory and access widths;
+with ``--check`` it exits 1 on a compile error, a spill in the supported range, an atomic or
+a narrow bulk access.
 """
 from __future__ import annotations
 
@@ -72,7 +77,7 @@ def _print(info: dict) -> None:
         for backend, ok in entry["backends"].items():
             p(f"  {backend:7s} {'available' if ok is True else 'unavailable: ' + ok}")
     ext = info["extension"]
-    p("\nC++/CUDA extension (csrc/, m2iv_kernels/ext.py)")
+    p("\nC++/CUDA extension (csrc/, built by m2iv_kernels/ext_build.py)")
     if not ext["available"]:
         p(f"  unavailable: {ext['reason']}")
     if ext.get("dir"):
@@ -93,10 +98,67 @@ def _print(info: dict) -> None:
       "(retry a failed build), M2IV_CACHE_DIR, M2IV_BACKEND (force a backend)")
 
 
+def _compile_report(args) -> int:
+    """``--compile sm_XX``: the ahead-of-time compile report (``compile_report.py``)."""
+    import os
+    import time
+
+    if "triton" not in sys.modules:
+        os.environ.pop("TRITON_INTERPRET", None)  # compile for the target, not the interpreter
+        if args.ptxas:
+            os.environ["TRITON_PTXAS_PATH"] = os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = \
+                args.ptxas
+    from m2iv_kernels import compile_report as cr
+
+    arch = int(args.compile.lower().removeprefix("sm_").rstrip("a"))
+    table = {} if args.table == "full" else cr.SUBSETS[args.table]
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        if sys.stderr.isatty() or done == total:
+            print(f"\rcompiled {done}/{total} Triton binaries", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    triton_rows = cr.compile_triton(arch, jobs=args.jobs, progress=progress, **table)
+    cuda_rows = cr.compile_cuda(arch) if not args.no_cu else []
+    rows = triton_rows + cuda_rows
+    bad = [(r, p) for r in rows for p in [cr.problems(r)] if p]
+    if args.json:
+        json.dump({"arch": f"sm_{arch}", "table": args.table, "triton": triton_rows,
+                   "cuda": cuda_rows, "problems": [{"kernel": r["kernel"], "case": r["case"],
+                                                    "problems": p} for r, p in bad]},
+                  sys.stdout, indent=1, default=str)
+        print()
+    else:
+        cr.print_rows(triton_rows, f"Triton kernels for sm_{arch} ({args.table} table, "
+                                   f"{len(triton_rows)} distinct binaries)")
+        if cuda_rows:
+            cr.print_rows(cuda_rows, f"csrc/*.cu for sm_{arch} (nvcc -Xptxas -v)")
+        print(f"\n{len(rows)} binaries in {time.perf_counter() - t0:.0f} s; "
+              + (f"{len(bad)} outside the supported range's rules:" if bad else
+                 "no compile error, spill, atomic or narrow bulk access"))
+        for r, p in bad:
+            print(f"  {r['kernel']}: {'; '.join(p)}  [{r['case']}]")
+    return 1 if bad and args.check else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2iv_kernels.info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compile", metavar="sm_XX", help="compile every kernel ahead of time "
+                        "for this CUDA target (no GPU needed) and report registers, spills, "
+                        "shared memory and access widths")
+    parser.add_argument("--table", default="full", choices=["full", "ci"],
+                        help="with --compile: the full shape table or the CI subset")
+    parser.add_argument("--check", action="store_true", help="with --compile: exit 1 on any "
+                        "compile error, spill (D <= 8192), atomic or narrow bulk access")
+    parser.add_argument("--jobs", type=int, default=None, help="compile processes")
+    parser.add_argument("--ptxas", default=None, help="with --compile: the ptxas Triton uses "
+                        "(e.g. the CUDA toolkit's, if Triton's bundled one rejects its PTX)")
+    parser.add_argument("--no-cu", action="store_true", help="skip csrc/*.cu")
     args = parser.parse_args(argv)
+    if args.compile:
+        return _compile_report(args)
     info = collect()
     if args.json:
         json.dump(info, sys.stdout, indent=1, default=str)

@@ -10,8 +10,8 @@ import torch
 
 from . import reference
 from ._checks import KERNEL_DTYPES, as_rows, check_same, check_steering, row_meta
-from .backends import resolve
-from .library import call
+from .backends import resolve, uses_launchers
+from . import custom_ops as kernel
 
 __all__ = ["head_steer", "steer_add", "steer_add_rmsnorm"]
 
@@ -35,11 +35,11 @@ def _steer_forward(x, residual, vectors, gates, mask, index, inplace: bool, back
     vec, gat = vectors.contiguous(), gates.contiguous()
     x2 = as_rows(x)
     res2 = as_rows(residual) if residual is not None else None
-    if inplace and _same_storage(x2, x):
-        call(backend, "steer_fwd", x2, res2, x2, vec, gat, meta)
+    # Dynamo cannot trace storage pointers: a trace takes the functional op + copy_ path
+    if inplace and not torch.compiler.is_compiling() and _same_storage(x2, x):
+        kernel.steer_fwd(backend, x2, res2, vec, gat, meta, out=x2)
         return x, meta
-    out2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    call(backend, "steer_fwd", x2, res2, out2, vec, gat, meta)
+    out2 = kernel.steer_fwd(backend, x2, res2, vec, gat, meta)
     return (x.copy_(out2.view(x.shape)) if inplace else out2.view(x.shape)), meta
 
 
@@ -65,8 +65,8 @@ class _Steer(torch.autograd.Function):
     def backward(ctx, grad):
         dv = dg = None
         if ctx.needs_vec or ctx.needs_gate:
-            dv, dg = _vector_grads(ctx, call(ctx.backend, "steer_colsum", as_rows(grad),
-                                             ctx.meta))
+            g_sum = kernel.steer_colsum(ctx.backend, as_rows(grad), ctx.meta)
+            dv, dg = _vector_grads(ctx, g_sum)
         grad_res = grad if ctx.needs_input_grad[1] else None
         return grad, grad_res, dv, dg, None, None, None, None
 
@@ -79,9 +79,9 @@ def _steer(x, residual, vectors, gates, mask, index, inplace: bool, backend: str
 
 def _rmsnorm_forward(residual, x, vectors, gates, weight, eps, offset, mask, index, backend):
     meta = row_meta(x, mask, index, vectors.shape[0])
-    normed, new_res, rstd = call(backend, "rmsnorm_fwd", as_rows(residual), as_rows(x),
-                                 vectors.contiguous(), gates.contiguous(), weight.contiguous(),
-                                 eps, offset, meta)
+    normed, new_res, rstd = kernel.rmsnorm_fwd(
+        backend, as_rows(residual), as_rows(x), vectors.contiguous(), gates.contiguous(),
+        weight.contiguous(), eps, offset, meta)
     return normed, new_res, rstd, meta
 
 
@@ -108,17 +108,20 @@ class _SteerRMSNorm(torch.autograd.Function):
                 return (None,) * 10
             grad_normed = torch.zeros_like(grad_residual)
         gr = as_rows(grad_residual) if grad_residual is not None else None
-        dy, dw, g_sum = call(ctx.backend, "rmsnorm_bwd", as_rows(grad_normed), gr, new_res, rstd,
-                             weight, ctx.offset, need_dw, ctx.meta)
+        dy, dw, g_sum = kernel.rmsnorm_bwd(ctx.backend, as_rows(grad_normed), gr, new_res,
+                                           rstd, weight, ctx.offset, need_dw, ctx.meta)
         dv, dg = _vector_grads(ctx, g_sum)
         dy = dy.view(grad_normed.shape)
         dw = dw.to(weight.dtype) if dw is not None else None
         return dy, dy, dv, dg, dw, None, None, None, None, None
 
 
-def _kernel_backend(backend: str, x: torch.Tensor) -> str:
+def _kernel_backend(backend: str, x: torch.Tensor) -> str | None:
+    """The resolved kernel backend, or None for the reference (``"torch"``)."""
     name = resolve(backend, x.device)
-    if name != "torch" and x.dtype not in KERNEL_DTYPES:
+    if not uses_launchers(name):
+        return None
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the {name} kernels take float32, float16 or bfloat16 activations, "
                         f"got {x.dtype}; use backend='torch' for {x.dtype}")
     return name
@@ -143,7 +146,7 @@ def head_steer(x: torch.Tensor, vectors: torch.Tensor, gates: torch.Tensor, *,
     """
     check_steering(x, vectors, gates, mask, index, vector_dims=2)
     name = _kernel_backend(backend, x)
-    if name == "torch":
+    if name is None:
         out = reference.head_steer(x, vectors, gates, mask=mask, index=index)
         return x.copy_(out) if inplace else out
     if vectors.dim() == 2:
@@ -169,7 +172,7 @@ def steer_add(residual: torch.Tensor, x: torch.Tensor, vector: torch.Tensor, gat
                    gate_name="gate")
     check_same("residual", residual, x)
     name = _kernel_backend(backend, x)
-    if name == "torch":
+    if name is None:
         return reference.steer_add(residual, x, vector, gate, mask=mask, index=index)
     vectors, gates = _as_bank(vector, gate)
     return _steer(x, residual, vectors, gates, mask, index, False, name)
@@ -201,7 +204,7 @@ def steer_add_rmsnorm(residual: torch.Tensor, x: torch.Tensor, vector: torch.Ten
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     name = _kernel_backend(backend, x)
-    if name == "torch":
+    if name is None:
         return reference.steer_add_rmsnorm(residual, x, vector, gate, weight, eps,
                                            weight_offset=weight_offset, mask=mask, index=index)
     vectors, gates = _as_bank(vector, gate)

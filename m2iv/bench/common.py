@@ -6,14 +6,19 @@ side by side in one process, so a noisy shared machine shifts both sides alike.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +31,31 @@ def results_dir() -> Path:
     """``benchmarks/results`` in a source checkout; ``./m2iv-results`` for an installed copy."""
     return RESULTS if (_REPO / ".git").exists() and RESULTS.parent.is_dir() \
         else Path("m2iv-results")
+
+
+@contextlib.contextmanager
+def kineto_quiet() -> Iterator[None]:
+    """Drop the ``USDT: ... profiler_start`` / ``profiler_stop`` lines that the PyTorch
+    profiler's C++ side (libkineto) writes to file descriptor 2 on every start and stop, whatever
+    ``KINETO_LOG_LEVEL`` says, and which would tear through a progress bar. File descriptor 2 is
+    captured around the call; every other line is passed on to ``sys.stderr``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None).fflush(None)  # C stdio buffers out before fd 2 goes back
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(True)
+                    if not line.startswith("USDT:")]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def sync(device: torch.device) -> None:

@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from ..testing.reference import add_steering_hooks
-from .common import device_tag, machine_info, print_table, sync, time_ms, write_results
+from .._extras import missing
+from .common import (device_tag, kineto_quiet, machine_info, print_table, sync, time_ms,
+                     write_results)
 from .presets import PRESETS, Preset, apply_overrides, build_model, context_window, make_inputs
 
 SHOTS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -75,7 +77,8 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
+            with kineto_quiet():
+                self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -83,7 +86,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
             return False
-        self.prof.__exit__(*exc)
+        with kineto_quiet():
+            self.prof.__exit__(*exc)
         top = [e for e in self.prof.events() if e.cpu_parent is None and e.cpu_memory_usage]
         running = 0
         for e in sorted(top, key=lambda e: e.time_range.start):
@@ -332,6 +336,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds-long run: 2 shots, K in {1, 4}, tiny timing budgets")
 
 
+def plots_if_possible(rows, tasks, preset: Preset, meta: dict, stem: Path) -> list[Path]:
+    """The PNG plots, or none (said in one line) where matplotlib is not installed: the
+    tables and result files matter more than the pictures."""
+    why = missing("matplotlib", "the plots")
+    if why is not None:
+        print(f"note: {why}; skipped them")
+        return []
+    from .plots import plot_icl
+
+    return plot_icl(rows, tasks, preset, meta, stem)
+
+
 def main_from_args(args) -> dict:
     from .common import results_dir
 
@@ -364,9 +380,7 @@ def main_from_args(args) -> dict:
                            out_dir=out_dir)
     files = [js, cs]
     if not args.no_plots:
-        from .plots import plot_icl
-
-        files += plot_icl(rows, tasks, preset, meta, out_dir / stem)
+        files += plots_if_possible(rows, tasks, preset, meta, out_dir / stem)
     print("\nwrote " + ", ".join(str(f) for f in files))
     return {"rows": rows, "tasks": tasks, "files": files}
 

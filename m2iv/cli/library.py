@@ -6,27 +6,40 @@
     m2iv library search (--embedding emb.npy | --like REF) [-k 5] [--compatible-with REF]
     m2iv library compose vqa=1.0 safety:2=0.5 (-o out.safetensors | --name NAME)
     m2iv library rm vqa:2 | m2iv library rm vqa --all
-    m2iv library verify [--repair]
+    m2iv library verify [--repair] | m2iv library verify --rebuild-index [--force]
     m2iv library export vqa out.gguf [--model HF_DIR]      (or out.safetensors: the M2IV file)
     m2iv library import cv.gguf --name NAME (--model HF_DIR | --like REF |
                                              --num-heads H --head-dim Dh)
 
-Every command takes ``--root DIR`` (default ``$M2IV_LIBRARY`` or ``~/.local/share/m2iv/library``)
-and ``--json`` (machine-readable output on stdout). Exit status: 0 success, 1 failure (and
-``verify`` found problems it did not repair), 2 usage error.
+Every command takes ``--root DIR`` (default ``$M2IV_LIBRARY`` or ``~/.local/share/m2iv/library``),
+``--timeout SECONDS`` (waiting for another process's write lock) and ``--json``
+(machine-readable output on stdout; an error is ``{"error", "type"}``). Exit status: 0 success,
+1 failure (and ``verify`` found problems it did not repair), 2 usage error. Errors are one line
+(:mod:`m2iv.cli.errors`).
+
+``m2iv library --help`` imports no torch: the package is imported when a command runs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
 from typing import Any
 
-from ..vectors import format_layers
+from .errors import UsageError
+from .args import existing_file, finite_float, non_negative_int, output_file, positive_float, \
+    positive_int
 
 __all__ = ["add_parsers"]
+
+
+def format_layers(layers) -> str:
+    from ..vectors import format_layers as fmt  # torch: imported when a command runs
+
+    return fmt(layers)
 
 
 # ---------------------------------------------------------------------------- output helpers
@@ -77,10 +90,12 @@ def _entry_row(e) -> list[Any]:
 _ENTRY_COLUMNS = ["ref", "model", "D/HxDh", "layers", "task", "tags", "shots", "emb", "created"]
 
 
-def _notes(notes: list[str], as_json: bool) -> None:
-    if not as_json:
-        for n in notes:
-            print(f"note: {n}", file=sys.stderr)
+def _notes(notes: list[str]) -> None:
+    """Each note as a warning: the command prints it as one line, spelt with its flags."""
+    from ..errors import M2IVWarning
+
+    for n in notes:
+        warnings.warn(n, M2IVWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -89,11 +104,22 @@ def _notes(notes: list[str], as_json: bool) -> None:
 def _library(args, create: bool = True):
     from ..library import VLibrary
 
-    return VLibrary(args.root, create=create)
+    return VLibrary(args.root, create=create, timeout=args.timeout)
 
 
 def _read_embedding(path: str):
-    """A 1-D embedding from .npy (no pickles), .json, .safetensors or whitespace text."""
+    """A 1-D embedding from .npy (no pickles), .json, .safetensors or whitespace text; an
+    unreadable file is one error naming it."""
+    try:
+        return _parse_embedding(path)
+    except (ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--embedding {path}: cannot read an embedding from it "
+                         f"({' '.join(str(err).split())}); give a 1-D vector as .npy, .json "
+                         "(a list of numbers), .safetensors or whitespace-separated text") \
+            from None
+
+
+def _parse_embedding(path: str):
     import numpy as np
 
     low = path.lower()
@@ -149,10 +175,28 @@ def _load_hf(path: str, weights: bool):
         if cls is None:
             continue
         try:
-            return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+            with _quiet_transformers():
+                return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
         except (ValueError, KeyError, OSError) as err:
             errors.append(f"{cls_name}: {err}")
     raise ValueError(f"cannot load a model from {path}: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No weight-loading progress bar and no info logging from transformers: the command
+    prints its own one-line result."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------- commands
@@ -173,7 +217,7 @@ def _cmd_add(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    lib = _library(args)
+    lib = _library(args, create=False)  # a mistyped --root is an error, not a new library
     target = lib.entry(args.compatible_with) if args.compatible_with else None
     entries = lib.list(name=args.name, model_type=args.model_type, hidden_size=args.hidden_size,
                        tags=args.tag, task=args.task, latest_only=args.latest,
@@ -242,7 +286,7 @@ def _parse_weight(item: str) -> tuple[str, float]:
 def _cmd_compose(args) -> int:
     if not args.output and not args.name:
         raise ValueError("say where the result goes: -o FILE.safetensors and/or --name NAME")
-    lib = _library(args)
+    lib = _library(args, create=False)
     weights = [_parse_weight(i) for i in args.items]
     v = lib.compose(weights, allow_incompatible=args.allow_incompatible)
     out: dict[str, Any] = {"components": v.meta["components"],
@@ -267,7 +311,7 @@ def _cmd_compose(args) -> int:
 
 def _cmd_rm(args) -> int:
     lib = _library(args, create=False)
-    gone = lib.remove(args.ref, all_versions=args.all)
+    gone = lib.remove(args.ref, all_versions=args.all_versions)
     if args.json:
         _print_json([e.to_dict() for e in gone])
     else:
@@ -277,6 +321,20 @@ def _cmd_rm(args) -> int:
 
 
 def _cmd_verify(args) -> int:
+    if args.rebuild_index:
+        from ..library import VLibrary
+
+        if args.repair:
+            raise UsageError("--rebuild-index and --repair are separate steps: rebuild the "
+                             "index first, then verify --repair")
+        rep = VLibrary.rebuild_index(args.root, force=args.force, timeout=args.timeout)
+        if args.json:
+            _print_json(rep.to_dict())
+        else:
+            print(rep)
+        return 0
+    if args.force:
+        raise UsageError("--force goes with --rebuild-index")
     lib = _library(args, create=False)
     rep = lib.verify(repair=args.repair)
     if args.json:
@@ -312,7 +370,7 @@ def _cmd_export(args) -> int:
     if args.json:
         _print_json(report)
     else:
-        _notes(report["notes"], False)
+        _notes(report["notes"])
         layers = f", layers {format_layers(report['layers'])}" if report.get("layers") else ""
         print(f"exported {report['ref']} to {report['path']} ({report['format']}{layers})")
     return 0
@@ -347,23 +405,6 @@ def _cmd_import(args) -> int:
 # ---------------------------------------------------------------------------- wiring
 
 
-def _guard(fn):
-    def run_command(args) -> int:
-        from ..errors import M2IVError
-
-        try:
-            return fn(args)
-        except (M2IVError, ValueError, FileNotFoundError, ImportError, OSError) as err:
-            msg = str(err) or type(err).__name__
-            if getattr(args, "json", False):
-                _print_json({"error": msg, "type": type(err).__name__})
-            print(f"m2iv library {args.library_command}: error: {msg}", file=sys.stderr)
-            return 1
-
-    run_command.__name__ = fn.__name__
-    return run_command
-
-
 def add_parsers(subparsers) -> argparse.ArgumentParser:
     """Register ``library`` (with its sub-commands) on an argparse ``subparsers`` object; every
     sub-command sets ``args.func`` (returning the exit status)."""
@@ -371,6 +412,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     common.add_argument("--root", "-L", default=None, metavar="DIR",
                         help="library directory (default: $M2IV_LIBRARY or "
                         "~/.local/share/m2iv/library)")
+    common.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for another process's write lock (default: 60)")
     common.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
     p = subparsers.add_parser("library", help="store, find, compose and export trained vectors",
@@ -381,7 +424,7 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 
     def cmd(name, fn, help_, **kw):
         sp = sub.add_parser(name, parents=[common], help=help_, description=help_, **kw)
-        sp.set_defaults(func=_guard(fn))
+        sp.set_defaults(func=fn)
         return sp
 
     def describe(sp):
@@ -391,11 +434,11 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
         sp.add_argument("--description", default=None)
 
     sp = cmd("add", _cmd_add, "add an M2IV safetensors file as the next version of NAME")
-    sp.add_argument("file")
+    sp.add_argument("file", type=existing_file)
     sp.add_argument("--name", "-n", required=True)
     describe(sp)
-    sp.add_argument("--shots", type=int)
-    sp.add_argument("--pool-size", type=int)
+    sp.add_argument("--shots", type=non_negative_int)
+    sp.add_argument("--pool-size", type=non_negative_int)
     sp.add_argument("--metrics", help="training metrics: JSON text or @file.json")
     sp.add_argument("--embedding", metavar="FILE",
                     help="task embedding (.npy, .json, .safetensors or text)")
@@ -404,7 +447,7 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     sp = cmd("list", _cmd_list, "list entries (filters combine)")
     sp.add_argument("--name")
     sp.add_argument("--model-type")
-    sp.add_argument("--hidden-size", type=int)
+    sp.add_argument("--hidden-size", type=positive_int)
     sp.add_argument("--tag", action="append", default=None, help="carries this tag (repeatable)")
     sp.add_argument("--task")
     sp.add_argument("--compatible-with", metavar="REF",
@@ -418,7 +461,7 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     sp = cmd("search", _cmd_search, "rank entries by cosine similarity of task embeddings")
     sp.add_argument("--embedding", metavar="FILE", help="query embedding file")
     sp.add_argument("--like", metavar="REF", help="use this entry's embedding as the query")
-    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("-k", type=positive_int, default=5, help="how many entries (default: 5)")
     sp.add_argument("--compatible-with", metavar="REF",
                     help="only entries that can be combined with this entry (default with "
                     "--like: that entry)")
@@ -430,7 +473,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 
     sp = cmd("compose", _cmd_compose, "weighted sum of entries: REF=WEIGHT ...")
     sp.add_argument("items", nargs="+", metavar="REF=WEIGHT")
-    sp.add_argument("-o", "--output", help="write the result to this .safetensors file")
+    sp.add_argument("-o", "--output", type=output_file(".safetensors"),
+                    help="write the result to this .safetensors file")
     sp.add_argument("--name", help="add the result to the library under this name")
     sp.add_argument("--tag", action="append", default=None)
     sp.add_argument("--task")
@@ -438,35 +482,44 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 
     sp = cmd("rm", _cmd_rm, "remove NAME:VERSION (or every version with --all)")
     sp.add_argument("ref")
-    sp.add_argument("--all", action="store_true", help="remove every version of NAME")
+    sp.add_argument("--all", dest="all_versions", action="store_true",
+                    help="remove every version of NAME")
 
     sp = cmd("verify", _cmd_verify, "recompute hashes; report missing/corrupt/orphaned files")
     sp.add_argument("--repair", action="store_true",
                     help="delete leftovers, quarantine corrupt/foreign files, drop broken rows")
+    sp.add_argument("--rebuild-index", action="store_true",
+                    help="rebuild a corrupt, truncated or lost index from the stored files (each "
+                    "holds its entry's record; the old index goes to quarantine/). Run it while "
+                    "no other process uses the library")
+    sp.add_argument("--force", action="store_true",
+                    help="with --rebuild-index: rebuild a healthy index too (edits made with "
+                    "update() after adding are lost)")
 
     sp = cmd("export", _cmd_export, "export an entry as a GGUF control vector (.gguf) or an "
              "M2IV file (.safetensors)")
     sp.add_argument("ref")
-    sp.add_argument("output")
+    sp.add_argument("output", type=output_file(), help="a .gguf or .safetensors file")
     sp.add_argument("--model", metavar="HF_DIR",
                     help="local model directory: fold the MHA part through o_proj "
                     "(an approximation; see the notes printed)")
     sp.add_argument("--model-hint", help="controlvector.model_hint (default: the model type)")
-    sp.add_argument("--index", type=int, help="bank row to export")
+    sp.add_argument("--index", type=non_negative_int, help="bank row to export")
     sp.add_argument("--no-mha", action="store_true", help="write the MLP part only")
-    sp.add_argument("--strength", type=float, default=1.0)
+    sp.add_argument("--strength", type=finite_float, default=1.0,
+                    help="multiplies every direction (default: 1.0)")
     sp.add_argument("--keep-layer-zero", action="store_true",
                     help="write direction.0 (llama.cpp rejects it)")
     sp.add_argument("--allow-incompatible", action="store_true")
 
     sp = cmd("import", _cmd_import, "import a GGUF control vector as MLP-branch vectors")
-    sp.add_argument("file")
+    sp.add_argument("file", type=existing_file)
     sp.add_argument("--name", "-n", required=True)
     sp.add_argument("--model", metavar="HF_DIR", help="local model directory (config only)")
     sp.add_argument("--like", metavar="REF", help="take the model description from this entry")
-    sp.add_argument("--num-heads", type=int)
-    sp.add_argument("--head-dim", type=int)
-    sp.add_argument("--num-layers", type=int)
+    sp.add_argument("--num-heads", type=positive_int)
+    sp.add_argument("--head-dim", type=positive_int)
+    sp.add_argument("--num-layers", type=positive_int)
     sp.add_argument("--model-type")
     describe(sp)
     return p

@@ -153,11 +153,23 @@ def incompatibility(entry: ModelSpec, target: ModelSpec,
     return None
 
 
-def check_fits(vectors, model: torch.nn.Module) -> None:
+def check_fits(vectors, model: torch.nn.Module, *, any_model_type: bool = True) -> None:
     """Raise :class:`VectorsMismatchError` (naming the layer and both shapes) unless
-    ``vectors`` fit ``model``'s decoder layers. The model type may differ (an LVLM and its
-    language model steer alike); the decoder-layer count may not."""
+    ``vectors`` fit ``model``'s decoder layers; the decoder-layer count must agree too.
+
+    ``any_model_type=False`` (what ``patch_model`` checks) also refuses vectors whose metadata
+    names a model type the model does not answer to (an LVLM answers to its own type and its
+    language model's, so LLaVA vectors fit its Llama decoder and back)."""
     info = describe(model)
+    if not any_model_type:
+        mine = {vectors.meta.get("model_type"), vectors.meta.get("text_model_type")} - {None}
+        theirs = {info.model_type, getattr(info.text_config, "model_type", None)} - {None}
+        if mine and theirs and not mine & theirs:
+            raise VectorsMismatchError(
+                f"the vectors were made for model type {vectors.meta.get('model_type')!r} but "
+                f"the model is {'/'.join(sorted(theirs))!r}: vectors of another model steer "
+                "meaningless directions even when the shapes agree. If they really belong to "
+                "this model, pass allow_incompatible=True")
     for i in vectors.layers:
         info.check_layer_index(i, what="the vectors cover")
         spec = info.layer(i)

@@ -13,7 +13,8 @@ Layout of a library directory::
     index.sqlite (+ -wal, -shm)   the index (SQLite, WAL mode)
     vectors/<32 hex>.safetensors  one immutable file per entry (written by M2IV.save)
     tmp/<32 hex>/                 staging area of adds in progress (a held flock marks it live)
-    quarantine/                   corrupt or unexpected files moved aside by verify(repair=True)
+    quarantine/                   corrupt or unexpected files moved aside by verify(repair=True),
+                                  old indexes moved aside by rebuild_index
 
 Durability protocol of :meth:`VLibrary.add`:
 
@@ -23,6 +24,13 @@ Durability protocol of :meth:`VLibrary.add`:
 2. ``BEGIN IMMEDIATE`` takes SQLite's write lock; the next version number for the name is read;
 3. the staged file is renamed to ``vectors/<id>.safetensors`` and the directory is fsynced;
 4. the index row (and its tags) is inserted and the transaction committed (``synchronous=FULL``).
+
+The version is read in step 2 before staging too, because the staged file carries its entry's
+whole index row (``meta['library']``; if another process took that version meanwhile, the add
+stages again); with the files' checksums this lets :meth:`VLibrary.rebuild_index` (``m2iv
+library verify --rebuild-index``) rebuild a corrupt, truncated or lost index from the files
+alone (:mod:`.rebuild`). A corrupt index is reported as :class:`LibraryIndexError` naming that
+command, never as a raw ``sqlite3`` error.
 
 A crash before 3 leaves a staging directory that no live process holds (reported as
 ``stale_temp``); a crash between 3 and 4 leaves a file that no row names (``orphaned``): the
@@ -36,11 +44,13 @@ names in the index are generated (``vectors/<32 hex>.safetensors``) and validate
 anything else (absolute paths, ``..``, symbolic links) is refused with :class:`UnsafePathError`.
 """
 from .errors import (ControlVectorFormatError, EntryNotFoundError, LibraryError,
-                     LibraryIntegrityError, UnsafePathError)
+                     LibraryIndexError, LibraryIntegrityError, UnsafePathError)
 from ..families.fit import ModelSpec, incompatibility
-from .records import Entry, SearchResult, VerifyReport, default_library_path, parse_ref
+from .records import (Entry, RebuildReport, SearchResult, VerifyReport, default_library_path,
+                      parse_ref)
 from .store import VLibrary
 
-__all__ = ["VLibrary", "Entry", "SearchResult", "VerifyReport", "ModelSpec", "incompatibility",
-           "default_library_path", "parse_ref", "LibraryError", "EntryNotFoundError",
-           "LibraryIntegrityError", "UnsafePathError", "ControlVectorFormatError"]
+__all__ = ["VLibrary", "Entry", "SearchResult", "VerifyReport", "RebuildReport", "ModelSpec",
+           "incompatibility", "default_library_path", "parse_ref", "LibraryError",
+           "EntryNotFoundError", "LibraryIntegrityError", "LibraryIndexError", "UnsafePathError",
+           "ControlVectorFormatError"]

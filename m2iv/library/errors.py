@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..errors import M2IVError, VectorsFormatError
 
-__all__ = ["LibraryError", "EntryNotFoundError", "LibraryIntegrityError", "UnsafePathError",
-           "ControlVectorFormatError"]
+__all__ = ["LibraryError", "EntryNotFoundError", "LibraryIntegrityError", "LibraryIndexError",
+           "UnsafePathError", "ControlVectorFormatError"]
 
 
 class LibraryError(M2IVError):
@@ -23,6 +23,13 @@ class LibraryIntegrityError(LibraryError, VectorsFormatError):
 
     ``VLibrary.verify()`` lists every such problem; ``verify(repair=True)`` fixes the index.
     """
+
+
+class LibraryIndexError(LibraryError):
+    """The SQLite index is corrupt, truncated or missing while stored files exist.
+
+    Every stored file carries its entry's record, so :meth:`VLibrary.rebuild_index`
+    (``m2iv library verify --rebuild-index``) rebuilds the index from the files."""
 
 
 class UnsafePathError(LibraryIntegrityError):

@@ -14,7 +14,8 @@ import uuid
 from .._atomic import fsync_dir
 from ..errors import VectorsFormatError
 from ..vectors import M2IV
-from .errors import LibraryError, UnsafePathError
+from .errors import LibraryError, LibraryIndexError, UnsafePathError
+from .index import rebuild_hint
 
 try:  # POSIX advisory locks mark staging directories that belong to a live process
     import fcntl
@@ -40,6 +41,12 @@ def prepare_root(root: str, index_name: str, create: bool) -> None:
     """Check that ``root`` is a library (has ``index_name``) or, with ``create``, a place for a
     new one (missing or empty: a foreign directory is never taken over); make its folders."""
     if not os.path.exists(os.path.join(root, index_name)):
+        vectors_dir = os.path.join(root, VECTORS_DIR)
+        stored = [f for f in os.listdir(vectors_dir) if STORED_RE.match(f)] \
+            if os.path.isdir(vectors_dir) else []
+        if stored:  # a lost index: a fresh empty one would make every file an "orphan"
+            raise LibraryIndexError(f"{root} holds {len(stored)} stored vector file(s) but no "
+                                    f"index ({index_name}); {rebuild_hint(root)}")
         if not create:
             raise LibraryError(f"no VLibrary at {root} (no {index_name}); pass create=True to "
                                "make one")

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_path
+from .._extras import require
+from ..errors import M2IVWarning
 from ..vectors import M2IV
 from .errors import ControlVectorFormatError
 from ..families import describe
@@ -64,12 +66,7 @@ LAYER0_NOTE = ("layer 0 has a non-zero vector but llama.cpp refuses direction.0 
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("GGUF interop needs the `gguf` package: pip install 'm2iv[library]' "
-                          "(or pip install gguf)") from None
-    return gguf
+    return require("gguf", "GGUF interop")
 
 
 @dataclass
@@ -226,8 +223,11 @@ def load_control_vector(path: str | os.PathLike, *, model=None, num_heads: int |
                                        f"has {num_layers} decoder layers")
     mtype = model_type or spec.model_type or cv.model_hint
     if model is not None and cv.model_hint and spec.types() and cv.model_hint not in spec.types():
-        warnings.warn(f"{os.fspath(path)}: model_hint {cv.model_hint!r} differs from the model "
-                      f"({'/'.join(sorted(spec.types()))})", stacklevel=2)
+        warnings.warn(f"{os.fspath(path)} says it was made for {cv.model_hint!r} "
+                      f"(controlvector.model_hint) but the model is "
+                      f"{'/'.join(sorted(spec.types()))!r}; imported anyway, as the shapes fit "
+                      "(llama.cpp writes its own architecture names there, e.g. 'llama' for "
+                      "Mistral): make sure it belongs to this model", M2IVWarning, stacklevel=2)
     L = len(layers)
     mlp = torch.from_numpy(np.stack([cv.directions[k] for k in layers]))
     meta = {"model_type": mtype, "num_layers": num_layers,
@@ -316,5 +316,5 @@ def save_control_vector(vectors: M2IV, path: str | os.PathLike, *, model=None,
                   hidden_size=vectors.hidden_size)
     if warn:
         for note in report["notes"]:
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, M2IVWarning, stacklevel=2)
     return report

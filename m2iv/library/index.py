@@ -11,14 +11,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import records
-from .errors import EntryNotFoundError, LibraryError
+from .errors import EntryNotFoundError, LibraryError, LibraryIndexError
 
-__all__ = ["SCHEMA_VERSION", "INDEX_NAME", "COLUMNS", "connect", "commit", "begin_write",
-           "rollback", "entries", "find", "where", "next_version", "insert", "update",
-           "set_tags", "delete"]
+__all__ = ["SCHEMA_VERSION", "INDEX_NAME", "INDEX_FILES", "COLUMNS", "connect", "sqlite_errors",
+           "rebuild_hint", "commit", "begin_write", "rollback", "entries", "find", "where",
+           "next_version", "insert", "update", "set_tags", "delete"]
 
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.sqlite"
+#: the index and SQLite's companion files (moved aside together by a rebuild)
+INDEX_FILES = (INDEX_NAME, INDEX_NAME + "-wal", INDEX_NAME + "-shm", INDEX_NAME + "-journal")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -71,8 +73,13 @@ COLUMNS = ("id", "name", "version", "file", "sha256", "size", "model_type", "mod
 def connect(index: str, root: str, timeout: float) -> sqlite3.Connection:
     """Open (creating or migrating under the write lock) the index at ``index``; errors name
     ``root``. Returns a connection in autocommit mode (transactions are explicit)."""
-    conn = sqlite3.connect(index, timeout=timeout, isolation_level=None,
-                           check_same_thread=False)
+    with sqlite_errors(index, root, timeout, opening=True):
+        conn = sqlite3.connect(index, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+        return _setup(conn, index, root, timeout)
+
+
+def _setup(conn: sqlite3.Connection, index: str, root: str, timeout: float):
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         deadline = time.monotonic() + timeout
@@ -88,7 +95,7 @@ def connect(index: str, root: str, timeout: float) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys = ON")
         have = conn.execute("PRAGMA user_version").fetchone()[0]
         if have < SCHEMA_VERSION:  # new (or older) index: create/migrate under the lock
-            begin_write(conn, root, timeout)
+            begin_write(conn)
             try:
                 have = conn.execute("PRAGMA user_version").fetchone()[0]
                 if have < SCHEMA_VERSION:
@@ -103,19 +110,35 @@ def connect(index: str, root: str, timeout: float) -> sqlite3.Connection:
         if have > SCHEMA_VERSION:
             raise LibraryError(f"{root} was written by a newer m2iv (index schema "
                                f"{have}; this one reads up to {SCHEMA_VERSION})")
-    except sqlite3.OperationalError as err:
-        conn.close()
-        if "locked" in str(err) or "busy" in str(err):
-            raise LibraryError(f"{root}: the index stayed locked by another process "
-                               f"for more than {timeout:g} s ({err})") from None
-        raise LibraryError(f"{index}: not a usable SQLite index ({err})") from None
-    except sqlite3.DatabaseError as err:
-        conn.close()
-        raise LibraryError(f"{index}: not a usable SQLite index ({err})") from None
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def rebuild_hint(root: str) -> str:
+    return (f"rebuild it from the stored files (each holds its entry's record): `m2iv library "
+            f"verify --rebuild-index --root {root}` (Python: VLibrary.rebuild_index(root))")
+
+
+@contextlib.contextmanager
+def sqlite_errors(index: str, root: str, timeout: float, opening: bool = False):
+    """Turn SQLite's exceptions into the library's: a lock held too long, and a corrupt index
+    (naming the command that rebuilds it). Other operational errors (disk full, I/O error,
+    read-only file) pass unchanged, except while ``opening``."""
+    try:
+        yield
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise LibraryError(f"{root}: another process has held the library's write lock for "
+                               f"more than {timeout:g} s ({err}); try again, or open the "
+                               "library with a larger timeout=") from None
+        if not opening:
+            raise
+        raise LibraryError(f"{index}: not a usable SQLite index ({err})") from None
+    except sqlite3.DatabaseError as err:  # malformed pages, not a database, truncated
+        raise LibraryIndexError(f"{index}: not a usable SQLite index: it is corrupt or "
+                                f"truncated ({err}); {rebuild_hint(root)}") from None
 
 
 def commit(conn: sqlite3.Connection) -> None:
@@ -123,17 +146,10 @@ def commit(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def begin_write(conn: sqlite3.Connection, root: str, timeout: float) -> None:
-    """``BEGIN IMMEDIATE`` (take the write lock now), with a clear error when another process
-    holds it for longer than the busy timeout."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as err:
-        if "locked" in str(err) or "busy" in str(err):
-            raise LibraryError(f"{root}: another process has held the library's write lock for "
-                               f"more than {timeout:g} s ({err}); try again, or open the "
-                               "library with a larger timeout=") from None
-        raise
+def begin_write(conn: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``: take the write lock now (waiting up to the busy timeout; inside
+    :func:`sqlite_errors` a lock held longer is a clear error)."""
+    conn.execute("BEGIN IMMEDIATE")
 
 
 def rollback(conn: sqlite3.Connection) -> None:
@@ -219,14 +235,14 @@ def next_version(conn: sqlite3.Connection, name: str) -> int:
 
 
 def insert(conn: sqlite3.Connection, row: dict, tags: Sequence[str]) -> int:
-    """Insert an entry row (every column of the schema but ``id``) and its tags; record its
-    version as the name's last. Returns the row id."""
+    """Insert an entry row (every column of the schema but ``id``) and its tags; keep the
+    name's last version at least this one. Returns the row id."""
     cols = [c for c in COLUMNS if c != "id"] + ["embedding"]
     cur = conn.execute(f"INSERT INTO entries ({', '.join(cols)}) VALUES "
                        f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
     set_tags(conn, cur.lastrowid, tags)
     conn.execute("INSERT INTO versions (name, last) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
-                 "SET last = excluded.last", (row["name"], row["version"]))
+                 "SET last = MAX(last, excluded.last)", (row["name"], row["version"]))
     return cur.lastrowid
 
 

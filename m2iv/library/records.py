@@ -3,6 +3,7 @@
 tags and task embeddings."""
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import json
 import os
@@ -19,8 +20,9 @@ from ..vectors import M2IV
 from .errors import LibraryError
 from ..families.fit import ModelSpec
 
-__all__ = ["Entry", "SearchResult", "VerifyReport", "parse_ref", "default_library_path",
-           "as_embedding", "check_name", "check_tags", "opt_int", "to_json", "new_entry"]
+__all__ = ["Entry", "SearchResult", "VerifyReport", "RebuildReport", "parse_ref",
+           "default_library_path", "as_embedding", "check_name", "check_tags", "opt_int",
+           "to_json", "new_entry", "file_record", "from_file_record"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _TAG_MAX = 64
@@ -253,6 +255,73 @@ class VerifyReport:
         for item in self.unrepaired:
             lines.append(f"  NOT repaired: {item}")
         return "\n".join(lines)
+
+@dataclass
+class RebuildReport:
+    """What :meth:`VLibrary.rebuild_index` did.
+
+    ``restored``: refs rebuilt exactly from the files' own records; ``recovered``: files
+    stored before records existed, re-entered under a new name (their meta's task, else
+    ``recovered``) and tagged ``recovered``; ``renumbered``: files claiming a name and version
+    another file also claims (e.g. the leftover of an add that crashed before its commit),
+    kept under the next free version; ``quarantined``: files that fail to load (checksum
+    mismatch, corrupt), moved to ``quarantine/``; ``old_index``: where the previous index went.
+    """
+
+    root: str
+    old_index: str | None = None
+    damage: str | None = None
+    restored: list[str] = field(default_factory=list)
+    recovered: list[dict] = field(default_factory=list)
+    renumbered: list[dict] = field(default_factory=list)
+    quarantined: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __str__(self) -> str:
+        n = len(self.restored) + len(self.recovered) + len(self.renumbered)
+        lines = [f"{self.root}: index rebuilt from {n} stored file(s)"
+                 + (f" (the old index: {self.damage})" if self.damage else "")]
+        if self.old_index:
+            lines.append(f"  the old index was moved to {self.old_index}")
+        for ref in self.restored:
+            lines.append(f"  restored: {ref}")
+        for item in self.recovered:
+            lines.append(f"  recovered as {item['ref']}: {item['file']} (stored without a "
+                         "record: tags, metrics and embedding unknown)")
+        for item in self.renumbered:
+            lines.append(f"  renumbered: {item['file']} claimed {item['claimed']}, now "
+                         f"{item['ref']}")
+        for item in self.quarantined:
+            lines.append(f"  quarantined: {item['file']} -> {item['moved']}: {item['reason']}")
+        return "\n".join(lines)
+
+
+def file_record(row: dict[str, Any], tags: Iterable[str]) -> dict[str, Any]:
+    """What a stored file keeps of its index row (in ``meta['library']``) beyond its own
+    metadata, so that the index can be rebuilt from the files alone."""
+    emb = row.get("embedding")
+    return {"name": row["name"], "version": row["version"], "tags": list(tags),
+            "metrics": json.loads(row["metrics"]), "extra": json.loads(row["extra"]),
+            "model_types": json.loads(row["model_types"]), "created_at": row["created_at"],
+            "embedding": None if emb is None else base64.b64encode(emb).decode("ascii")}
+
+
+def from_file_record(v: M2IV, name: str, record: Mapping[str, Any] | None,
+                     ) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The index row (all columns but id, version, file, sha256, size and created_at) and tags
+    of a stored file: its metadata plus its record (:func:`file_record`; ``None`` for files
+    stored before records existed)."""
+    rec = dict(record or {})
+    emb = rec.get("embedding")
+    _, row, tags = new_entry(
+        v, name, tags=rec.get("tags"), metrics=rec.get("metrics"), extra=rec.get("extra"),
+        embedding=None if emb is None else np.frombuffer(base64.b64decode(emb), dtype="<f4"))
+    if rec.get("model_types") is not None:
+        row["model_types"] = json.dumps(sorted(rec["model_types"]))
+    return row, tags
+
 
 def new_entry(vectors: M2IV, name: str, *, tags=None, task=None, description=None, shots=None,
               pool_size=None, metrics=None, embedding=None, model=None, model_name=None,

@@ -20,11 +20,15 @@ from ..errors import IncompatibleVectorsError, VectorsFormatError, VectorsMismat
 from ..vectors import M2IV
 from . import files, index
 from .errors import EntryNotFoundError, LibraryError, LibraryIntegrityError, UnsafePathError
-from .records import (Entry, SearchResult, VerifyReport, as_embedding, check_tags,
-                      default_library_path, new_entry, parse_ref, to_json)
+from .records import (Entry, RebuildReport, SearchResult, VerifyReport, as_embedding,
+                      check_tags, default_library_path, file_record, new_entry, parse_ref,
+                      to_json)
 from ..families.fit import ModelSpec, incompatibility
 
 __all__ = ["VLibrary"]
+
+#: how many times an add re-stages when other processes keep taking its version number
+_ADD_ATTEMPTS = 100
 
 
 # ---------------------------------------------------------------------------- the library
@@ -79,12 +83,16 @@ class VLibrary:
     def __repr__(self) -> str:
         return f"VLibrary({self.root!r})"
 
+    def _sql(self):
+        """SQLite's errors as the library's (a corrupt index names the rebuild command)."""
+        return index.sqlite_errors(self._index, self.root, self.timeout)
+
     @contextlib.contextmanager
     def _write(self):
         """A write transaction (``BEGIN IMMEDIATE``: the write lock is taken at once)."""
-        with self._lock:
+        with self._lock, self._sql():
             conn = self._conn()
-            index.begin_write(conn, self.root, self.timeout)
+            index.begin_write(conn)
             try:
                 yield conn
                 index.commit(conn)
@@ -95,7 +103,7 @@ class VLibrary:
     @contextlib.contextmanager
     def _read(self):
         """A read transaction: one consistent snapshot."""
-        with self._lock:
+        with self._lock, self._sql():
             conn = self._conn()
             conn.execute("BEGIN")
             try:
@@ -150,8 +158,8 @@ class VLibrary:
                 f"{e.ref}: {e.file} is corrupt: sha256 {sha[:16]}... ({size} bytes) differs "
                 f"from the {e.sha256[:16]}... ({e.size} bytes) recorded when it was added; run "
                 "`m2iv library verify`")
-        try:
-            v = M2IV.load(path, device=device, dtype=dtype)
+        try:  # the file's sha256 was just checked: no second (checksum) pass
+            v = M2IV.load(path, device=device, dtype=dtype, verify=False)
         except VectorsFormatError as err:
             raise LibraryIntegrityError(f"{e.ref}: {err}") from None
         # the index is authoritative for the descriptive fields (update() changes them there)
@@ -287,20 +295,36 @@ class VLibrary:
             pool_size=pool_size, metrics=metrics, embedding=embedding, model=model,
             model_name=model_name, extra=extra)
         with self._lock:
-            uid, stage_dir, staged, sha, size, lock_fd = files.stage(self._tmp, to_store)
-            try:
-                rel = f"{files.VECTORS_DIR}/{uid}.safetensors"
-                final = os.path.join(self._vectors, f"{uid}.safetensors")
+            for _ in range(_ADD_ATTEMPTS):
+                with self._read() as conn:
+                    version = index.next_version(conn, name)
+                row = dict(row, version=version, created_at=time.time())
+                # the file carries its own index row: rebuild_index needs nothing else
+                to_store.meta["library"] = file_record(row, tag_list)
+                if self._commit_add(to_store, row, tag_list):
+                    return self.entry(name, version)
+        raise LibraryError(f"could not add {name!r}: other processes kept taking its next "
+                           f"version ({_ADD_ATTEMPTS} attempts); try again")
+
+    def _commit_add(self, to_store: M2IV, row: dict, tag_list: tuple[str, ...]) -> bool:
+        """Steps 1-4 of the durability protocol (:mod:`m2iv.library`); False (nothing stored)
+        if another process took ``row['version']`` since it was read."""
+        uid, stage_dir, staged, sha, size, lock_fd = files.stage(self._tmp, to_store)
+        try:
+            rel = f"{files.VECTORS_DIR}/{uid}.safetensors"
+            final = os.path.join(self._vectors, f"{uid}.safetensors")
+            with self._sql():
                 conn = self._conn()
-                index.begin_write(conn, self.root, self.timeout)
+                index.begin_write(conn)
                 moved = False
                 try:
-                    version = index.next_version(conn, name)
+                    if index.next_version(conn, row["name"]) != row["version"]:
+                        index.rollback(conn)
+                        return False
                     os.replace(staged, final)
                     moved = True
                     fsync_dir(self._vectors)
-                    index.insert(conn, dict(row, version=version, file=rel, sha256=sha,
-                                            size=size, created_at=time.time()), tag_list)
+                    index.insert(conn, dict(row, file=rel, sha256=sha, size=size), tag_list)
                     index.commit(conn)
                 except BaseException:
                     index.rollback(conn)
@@ -309,9 +333,9 @@ class VLibrary:
                             os.unlink(final)
                         fsync_dir(self._vectors)
                     raise
-            finally:
-                files.unstage(stage_dir, lock_fd)
-            return self.entry(name, version)
+        finally:
+            files.unstage(stage_dir, lock_fd)
+        return True
 
     def add_file(self, path: str | os.PathLike, name: str, **kw) -> Entry:
         """Add the vectors of an M2IV safetensors file (see :meth:`add` for the keywords).
@@ -361,13 +385,19 @@ class VLibrary:
         orphaned file that ``verify`` reports and repairs.
         """
         name, version = parse_ref(name, version)
-        if version is None and not all_versions:
-            raise LibraryError(f"remove needs a version ({name}:N) or all_versions=True")
         with self._write() as conn:
+            if version is None and not all_versions:
+                have = [e.version for e in index.entries(conn, "WHERE e.name = ?", (name,))]
+                if not have:
+                    raise EntryNotFoundError(f"no entry named {name!r} in {self.root}: "
+                                             "nothing removed")
+                raise LibraryError(f"remove needs a version ({name}:N; {name!r} has versions "
+                                   f"{have}) or all_versions=True for all of them")
             if version is None:
                 gone = index.entries(conn, "WHERE e.name = ?", (name,))
                 if not gone:
-                    raise EntryNotFoundError(f"no entry named {name!r} in {self.root}")
+                    raise EntryNotFoundError(f"no entry named {name!r} in {self.root}: "
+                                             "nothing removed")
             else:
                 gone = [index.find(conn, name, version, self.root, embeddings=False)]
             index.delete(conn, [e.id for e in gone])
@@ -498,6 +528,19 @@ class VLibrary:
         from .verify import verify
 
         return verify(self, repair)
+
+    @staticmethod
+    def rebuild_index(path: str | os.PathLike | None = None, *, force: bool = False,
+                      timeout: float = 60.0) -> RebuildReport:
+        """Rebuild the index of the library at ``path`` from its stored files (a corrupt,
+        truncated or deleted index); see :func:`m2iv.library.rebuild.rebuild_index`. A
+        healthy index is rebuilt only with ``force=True``. Run it while no other process uses
+        the library."""
+        from .rebuild import rebuild_index
+
+        path = default_library_path() if path is None else os.fspath(path)
+        return rebuild_index(os.path.realpath(os.path.abspath(os.path.expanduser(path))),
+                             force=force, timeout=timeout)
 
 
 def _latest(entries: list[Entry]) -> list[Entry]:

@@ -24,7 +24,7 @@ __all__ = ["patch_model", "unpatch_model", "steer"]
 def patch_model(model: torch.nn.Module, vectors: M2IV, *, strength: float = 1.0,
                 positions: Any = "all", backend: str = "auto",
                 index: torch.Tensor | int | None = None,
-                mha_mode: str = "auto") -> PatchHandle:
+                mha_mode: str = "auto", allow_incompatible: bool = False) -> PatchHandle:
     """Steer every forward of ``model`` (and ``generate()``) with ``vectors``.
 
     Args:
@@ -40,6 +40,9 @@ def patch_model(model: torch.nn.Module, vectors: M2IV, *, strength: float = 1.0,
         index: bank row(s), as in :meth:`PatchHandle.select`.
         mha_mode: ``"auto"`` (fold through o_proj where exact and possible, else head space),
             ``"fold"`` or ``"head"``.
+        allow_incompatible: steer with vectors whose metadata names another model type (e.g.
+            made for ``qwen2``, applied to ``llama`` of the same shapes); the shapes must fit
+            regardless. Without it such vectors are refused.
 
     Returns:
         The :class:`PatchHandle`. A model already patched has that patch replaced (module
@@ -48,11 +51,17 @@ def patch_model(model: torch.nn.Module, vectors: M2IV, *, strength: float = 1.0,
     Raises:
         UnsupportedModelError: no text decoder layers found, or a layer whose shape or forward
             matches no style (the error names the layer class and what was expected).
-        VectorsMismatchError: vectors whose layers/heads/head_dim/hidden size do not fit.
+        VectorsMismatchError: vectors whose layers/heads/head_dim/hidden size do not fit, or
+            that were made for another model type.
+        VectorsFormatError: vectors holding NaN/inf (also when written after they were built)
+            or on the meta device.
+        TypeError, ValueError: a bad ``strength``, ``positions``, ``backend``, ``mha_mode`` or
+            ``index``.
     """
     info = describe(model)
     handle = PatchHandle(model, info, vectors, strength=strength, positions=positions,
-                         backend=backend, index=index, mha_mode=mha_mode)
+                         backend=backend, index=index, mha_mode=mha_mode,
+                         allow_incompatible=allow_incompatible)
     previous = handles_touching(model, info)
     for old in previous:
         old._uninstall()

@@ -3,13 +3,16 @@ states, and installing / removing its rebound forwards."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 
 import m2iv_kernels as mk
 
+from ..errors import VectorsFormatError
 from ..families import LayerSpec, ModelInfo, module_device
+from ..families.fit import check_fits
 from ..vectors import M2IV
 from . import verify
 from .forwards import make_layer_forward, make_o_proj_forward, make_top_forward
@@ -29,8 +32,10 @@ class PatchHandle:
     """
 
     def __init__(self, model: torch.nn.Module, info: ModelInfo, vectors: M2IV, *,
-                 strength: float, positions: Any, backend: str, index: Any, mha_mode: str):
+                 strength: float, positions: Any, backend: str, index: Any, mha_mode: str,
+                 allow_incompatible: bool = False):
         self.model, self.info = model, info
+        self._any_model_type = bool(allow_incompatible)
         self._backend = _check_backend(backend, info)
         if mha_mode not in ("auto", "fold", "head"):
             raise ValueError(f"mha_mode must be 'auto', 'fold' or 'head'; got {mha_mode!r}")
@@ -199,7 +204,8 @@ class PatchHandle:
     def _prepare(self, vectors: M2IV) -> tuple[M2IV, bool, dict[int, LayerState]]:
         if not isinstance(vectors, M2IV):
             raise TypeError(f"vectors must be an m2iv.M2IV; got {type(vectors).__name__}")
-        vectors.check_model(self.info.model)
+        _check_data(vectors)
+        check_fits(vectors, self.info.model, any_model_type=self._any_model_type)
         wanted = {i: self._wanted_mode(self.info.layer(i)) for i in vectors.layers}
         modes = verify.confirm_modes(self.info, wanted, allow_head=self._mha_mode == "auto",
                                      mute=handles_touching(self.model, self.info))
@@ -300,13 +306,35 @@ class PatchHandle:
 # ---------------------------------------------------------------------- argument checks
 
 def _check_strength(strength: Any) -> float:
-    try:
-        s = float(strength)
-    except (TypeError, ValueError):
-        raise TypeError(f"strength must be a number; got {strength!r}") from None
+    """A finite real number (a one-element tensor too); never a string or a bool, which
+    ``float()`` would silently turn into one."""
+    ok = isinstance(strength, numbers.Real) and not isinstance(strength, bool)
+    if isinstance(strength, torch.Tensor):
+        ok = strength.numel() == 1 and not (strength.dtype.is_complex or
+                                            strength.dtype == torch.bool)
+    if not ok:
+        raise TypeError(f"strength must be a real number (e.g. 1.0); got "
+                        f"{type(strength).__name__} {strength!r}")
+    s = float(strength)
     if not math.isfinite(s):
         raise ValueError(f"strength must be finite; got {s}")
     return s
+
+
+def _check_data(vectors: M2IV) -> None:
+    """Vectors that hold real, finite values: checked whenever vectors are handed to a patch
+    (their tensors may have been written in place since the M2IV was built), never per
+    forward."""
+    if vectors.device.type == "meta" or any(t.is_meta for t in vectors.tensors().values()):
+        raise VectorsFormatError("the vectors are on the meta device: they have shapes but no "
+                                 "values (built under torch.device('meta') or an empty-weights "
+                                 "context?); load or create them on a real device, e.g. "
+                                 "M2IV.load(path) or vectors.to('cpu') after filling them")
+    try:
+        vectors.check_finite()
+    except VectorsFormatError as err:
+        raise VectorsFormatError(f"{err}: refusing to steer with them (every logit would be "
+                                 "NaN); the model is unchanged") from None
 
 
 def _check_backend(backend: str, info: ModelInfo) -> str:

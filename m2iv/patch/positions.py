@@ -7,8 +7,13 @@
   way, which is exactly what a no-cache forward over the whole sequence does.
 * a boolean tensor ``[B, P]`` (or ``[P]`` / ``[1, P]`` for every sequence): ``mask[b, t]``
   for absolute position ``t < P`` (counted from the first cached token: the past length is read
-  from the cache); positions ``t >= P``, e.g. generated tokens, are steered. The same rule
-  applies with and without the cache, so decode steps match a full forward.
+  from the cache). The mask must cover the prompt: a forward whose first token lies inside the
+  mask must end inside it (``past + T <= P``), however the prompt is fed (one forward or
+  chunks), else it is refused, so a mask made for a shorter prompt never steers the rest
+  silently. Tokens after the mask (``t >= P``) come as decode steps with the KV cache
+  (generated tokens) and are steered. A mask longer than the prompt also covers the tokens
+  generated next; a no-cache forward over prompt and generated tokens needs a mask as long as
+  it (``handle.set_positions``).
 * a callable ``f(input_ids [B, t_end]) -> bool [B, t_end]``: called on all ids seen so far
   (the prompt and, during ``generate()``, the generated tokens: the patch keeps them), and the
   last ``T`` columns steer the current ``T`` tokens. This equals a no-cache forward over the
@@ -43,9 +48,12 @@ def check_positions(positions: Any) -> tuple[str, Any]:
             raise TypeError(f"a positions mask must be bool (or 0/1 ints); got {m.dtype}")
         if m.dim() == 1:
             m = m[None]
-        if m.dim() != 2:
-            raise ValueError(f"a positions mask must be [T] or [B, T]; got shape "
+        if m.dim() != 2 or m.shape[1] == 0:
+            raise ValueError(f"a positions mask must be [T] or [B, T] with T >= 1; got shape "
                              f"{tuple(positions.shape)}")
+        if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
+            raise ValueError(f"an integer positions mask must hold 0 and 1 only; got values "
+                             f"{sorted(set(m.unique().tolist()))[:8]}")
         return "mask", m.to(device="cpu", dtype=torch.bool)
     if callable(positions):
         return "callable", positions
@@ -150,8 +158,16 @@ class Positions:
             if pos.shape[0] not in (1, batch):
                 raise ValueError(f"positions mask has {pos.shape[0]} rows but the batch has "
                                  f"{batch} sequences")
+            covered = pos.shape[1]
+            if past < covered < past + seq:
+                raise ValueError(
+                    f"the positions mask covers {covered} tokens but this forward feeds tokens "
+                    f"{past}..{past + seq - 1}: a mask must cover the whole prompt (tokens past "
+                    "its end are steered only as decode steps with the KV cache). Pass a mask "
+                    f"of at least {past + seq} columns, True where to steer "
+                    "(handle.set_positions(mask) changes it on a live patch)")
             mask = torch.ones(batch, seq, dtype=torch.bool)
-            lo, hi = past, min(past + seq, pos.shape[1])
+            lo, hi = past, min(past + seq, covered)
             if hi > lo:
                 mask[:, : hi - lo] = pos[:, lo:hi]
             mask = mask.to(ref.device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -44,6 +45,14 @@ def test_icl_benchmark_smoke(smoke):
     assert any(n.endswith("-latency.png") for n in names)
     data = json.loads(next(p for p in out.iterdir() if p.suffix == ".json").read_text())
     assert data["machine"]["torch"] == torch.__version__ and data["rows"]
+
+
+def test_plots_skipped_in_one_line_without_matplotlib(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert icl.plots_if_possible([], [], icl.PRESETS["cpu-tiny"], {}, tmp_path / "x") == []
+    out = capsys.readouterr().out
+    assert out.startswith("note: matplotlib, needed for the plots, is not installed") and \
+        "m2iv[train]" in out and out.count("\n") == 1
 
 
 def test_correctness_guard_catches_a_wrong_path(monkeypatch):

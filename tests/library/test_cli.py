@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from m2iv import M2IVWarning
 from m2iv.cli import main
 from m2iv.library import VLibrary, gguf_io
 from m2iv.vectors import M2IV
@@ -81,7 +82,7 @@ def test_search(capsys, root, files):
                     "a", "-k", "1")
     assert [h["ref"] for h in hits] == ["c:1"]
     code, out, err = run(capsys, root, "search", "--embedding", files["c.npy"])
-    assert code == 1 and "compatible_with" in err
+    assert code == 1 and "--compatible-with" in err  # the flag, not the Python keyword
     code, out, _ = run(capsys, root, "search", "--like", "b")
     assert code == 0 and "+1.0000" in out
 
@@ -104,7 +105,7 @@ def test_compose_rm_verify(capsys, root, files, tmp_path):
     assert code == 1 and "bad weight" in err
 
     code, _, err = run(capsys, root, "rm", "a")
-    assert code == 1 and "all_versions" in err
+    assert code == 1 and "--all" in err and "all_versions" not in err
     assert [e["ref"] for e in run_json(capsys, root, "rm", "a:1")] == ["a:1"]
     code, out, _ = run(capsys, root, "rm", "mix", "--all")
     assert code == 0 and "removed mix:1" in out
@@ -139,6 +140,11 @@ def test_export_import(capsys, root, files, tmp_path):
     code, out, err = run(capsys, root, "export", "a", str(gg), "--model", str(model_dir),
                          "--keep-layer-zero")
     assert code == 0 and "APPROXIMATION" in err and "exported a:1" in out
+    assert "Loading weights" not in err and "it/s" not in err  # no weight-loading bar
+    code, out, err = run(capsys, root, "export", "a", str(tmp_path / "c.gguf"))
+    assert code == 0 and "DROPPED" in err and "pass --keep-layer-zero" in err
+    assert all(line.startswith("m2iv library export: warning: ")
+               for line in err.strip().splitlines())
     rep = run_json(capsys, root, "export", "a", str(tmp_path / "b.gguf"))
     assert rep["mha"] == "dropped" and rep["layers"] == [1] and rep["dropped_layers"] == [0]
     cv = gguf_io.read_control_vector(tmp_path / "b.gguf")
@@ -154,7 +160,7 @@ def test_export_import(capsys, root, files, tmp_path):
                  "--head-dim", str(DH))
     assert d["ref"] == "cv:3"
     code, _, err = run(capsys, root, "import", str(gg), "--name", "cv")
-    assert code == 1 and "num_heads" in err
+    assert code == 1 and "--num-heads" in err
     code, out, err = run(capsys, root, "import", files["a"], "--name", "cv", "--json")
     assert code == 1 and json.loads(out)["error"] and "library add" in err
 
@@ -172,3 +178,22 @@ def test_wired_into_the_m2iv_command(capsys, root, files):
     assert m2iv_main(["library", "list", "--root", root, "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("["):])[0]["ref"] == "a:1"
+
+
+def test_import_of_another_architecture_warns_in_one_line(capsys, root, files, tmp_path):
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "llama-config"
+    LlamaConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=H,
+                intermediate_size=64, vocab_size=100).save_pretrained(model_dir)
+    gg = tmp_path / "qwen.gguf"
+    gguf_io.write_control_vector(gg, {1: np.ones(D, np.float32)}, "qwen2")
+    code, out, err = run(capsys, root, "import", str(gg), "--name", "cv", "--model",
+                         str(model_dir))
+    assert code == 0 and "imported" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("m2iv library import: warning: ")
+    assert "made for 'qwen2'" in lines[0] and "'llama'" in lines[0]
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    with pytest.warns(M2IVWarning, match="made for 'qwen2'"):  # the Python API: a warning
+        gguf_io.load_control_vector(gg, model=VLibrary(root).entry("cv").model_spec())

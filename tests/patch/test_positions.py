@@ -72,22 +72,24 @@ def test_explicit_positions_under_generate(family, kind):
         positions = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
     else:
         positions = lambda x: (x % 3) != 0  # noqa: E731 - depends on each token only
-    with m2iv.steer(model, v, positions=positions, backend="torch"):
+    with m2iv.steer(model, v, positions=positions, backend="torch") as handle:
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=3, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True)
         seqs = gen.sequences
+        # the same mask over the whole sequence: generated tokens steered
+        if kind == "mask":
+            m = torch.ones(seqs.shape, dtype=torch.bool)
+            m[:, :6] = positions
+            handle.set_positions(m)  # a no-cache forward over prompt + generated tokens
+        else:
+            m = positions(seqs)
         for k, step in enumerate(gen.logits):
             full = logits(model, seqs[:, : 6 + k], use_cache=False)[:, -1]
             torch.testing.assert_close(step, full, rtol=0, atol=1e-4)
         out = logits(model, seqs)
-    # and it is the reference with the same mask over the whole sequence
-    if kind == "mask":
-        m = torch.ones(seqs.shape, dtype=torch.bool)
-        m[:, :6] = positions
-    else:
-        m = positions(seqs)
+    # and it is the reference with that mask
     with HookReference(model, v, mask=m):
         ref = logits(model, seqs)
     torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)

@@ -19,7 +19,7 @@ import torch
 
 import m2iv_kernels as mk
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 # torch passes these to nvcc for extensions; the kernels must not rely on implicit conversions
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -88,9 +88,11 @@ def ext():
 
 
 def test_extension_loads_on_cpu(ext):
+    from m2iv_kernels.ext_build import cpu_flags
+
     assert mk.available_backends("cpu")["ext"] is True
     assert ext.BUILD["cuda"] in (True, False)
-    assert ext.BUILD["cpu_capability"] == ext.cpu_flags()[0]
+    assert ext.BUILD["cpu_capability"] == cpu_flags()[0]
     assert Path(ext.BUILD["dir"], "build.json").is_file()
     if sys.platform.startswith("linux"):
         assert ext.BUILD["openmp"], "at::parallel_for would run on one thread without OpenMP"
@@ -98,30 +100,29 @@ def test_extension_loads_on_cpu(ext):
         assert isinstance(ext.supports(torch.device("cuda")), str)
 
 
-def test_dispatcher_ops_and_meta_kernels(ext):
-    """``torch.ops.m2iv_ext`` matches the pybind launchers and has Meta (shape) kernels."""
+def test_registered_ops_and_fake_kernels(ext):
+    """``torch.ops.m2iv_kernels`` with ``backend="ext"`` matches the launchers, and its fake
+    kernels give the shapes and dtypes on meta tensors."""
     from m2iv_kernels._checks import Rows
 
+    ops = torch.ops.m2iv_kernels
     x, r = torch.randn(6, 64, dtype=torch.bfloat16), torch.randn(6, 64, dtype=torch.bfloat16)
     v, g = torch.randn(2, 1, 64), torch.rand(2, 1, dtype=torch.float16)
     w, mask, index = torch.rand(64), torch.rand(6), torch.tensor([1, 0])
     meta = Rows(mask, index, 3, 2)
-    out = torch.empty_like(x)
-    ext.steer_fwd(x, r, out, v, g, meta)
-    out2 = torch.empty_like(x)
-    torch.ops.m2iv_ext.steer_fwd(x, r, out2, v, g, mask, index, 3)
-    assert torch.equal(out, out2)
-    got = torch.ops.m2iv_ext.rmsnorm_fwd(r, x, v, g, w, 1e-6, 1.0, mask, index, 3)
+    out = ext.steer_fwd(x, r, v, g, meta)
+    assert torch.equal(out, ops.steer_fwd(x, r, v, g, mask, index, 3, "ext"))
+    got = ops.rmsnorm_fwd(r, x, v, g, w, 1e-6, 1.0, mask, index, 3, "ext")
     for a, b in zip(got, ext.rmsnorm_fwd(r, x, v, g, w, 1e-6, 1.0, meta)):
         assert torch.equal(a, b)
     m = torch.device("meta")
-    normed, new, rstd = torch.ops.m2iv_ext.rmsnorm_fwd(
-        r.to(m), x.to(m), v.to(m), g.to(m), w.to(m), 1e-6, 0.0, None, None, 6)
+    normed, new, rstd = ops.rmsnorm_fwd(r.to(m), x.to(m), v.to(m), g.to(m), w.to(m), 1e-6, 0.0,
+                                        None, None, 6, "ext")
     assert normed.shape == new.shape == (6, 64) and rstd.shape == (6,)
-    dy, dw, gs = torch.ops.m2iv_ext.rmsnorm_bwd(x.to(m), None, new, rstd, w.to(m), 0.0, True,
-                                                None, None, 6, 1)
+    dy, dw, gs = ops.rmsnorm_bwd(x.to(m), None, new, rstd, w.to(m), 0.0, None, None, 6, 1, True,
+                                 "ext")
     assert dy.dtype == torch.bfloat16 and dw.shape == (64,) and gs.shape == (1, 64)
-    assert torch.ops.m2iv_ext.steer_colsum(x.to(m), None, None, 6, 3).shape == (3, 64)
+    assert ops.steer_colsum(x.to(m), None, None, 6, 3, "ext").shape == (3, 64)
 
 
 def test_launchers_reject_bad_layouts(ext):
@@ -129,17 +130,25 @@ def test_launchers_reject_bad_layouts(ext):
 
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="vectors"):
-        ext.steer_fwd(x, None, x, torch.randn(1, 2, 3), torch.randn(1, 2), Rows(None, None, 4, 1))
+        ext.steer_fwd(x, None, torch.randn(1, 2, 3), torch.randn(1, 2), Rows(None, None, 4, 1), x)
     with pytest.raises(RuntimeError, match="index covers"):
         ext.steer_colsum(x, Rows(None, torch.tensor([0]), 2, 1))
 
 
-def test_auto_choice_is_measured_and_cached(ext):
-    assert isinstance(ext.faster_than_reference(torch.device("cpu")), bool)
-    saved = json.loads(Path(ext.BUILD["dir"], "auto.json").read_text())
-    key = f"cpu/threads={torch.get_num_threads()}"
-    assert key in saved and "faster" in saved[key]
-    assert ext.faster_than_triton(torch.device("cpu")) is False
+def test_auto_choice_is_measured_and_cached(ext, tmp_path, monkeypatch):
+    from m2iv_kernels import autochoice
+
+    monkeypatch.setenv("M2IV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autochoice, "_KNOWN", {})
+    verdict = autochoice.faster("ext", "torch", torch.device("cpu"))
+    assert isinstance(verdict, bool)
+    saved = json.loads((tmp_path / "auto.json").read_text())
+    (key, record), = saved.items()
+    assert key.startswith(f"cpu/threads={torch.get_num_threads()}/{ext.FINGERPRINT}<")
+    assert record["faster"] == verdict and record["seconds"]
+    monkeypatch.setattr(autochoice, "compare", lambda *a: pytest.fail("measured twice"))
+    monkeypatch.setattr(autochoice, "_KNOWN", {})
+    assert autochoice.faster("ext", "torch", torch.device("cpu")) == verdict  # from disk
 
 
 # ----------------------------------------------------------------------------- unavailable

@@ -1,4 +1,4 @@
-"""The registered ops (``torch.ops.m2iv_kernels.*``) and ``torch.compile`` tracing, on the CPU.
+"""The registered ops (``torch.ops.m2iv_kernels.*``) and ``torch.compile`` tracing.
 
 The launchers are opaque custom ops with fake implementations, so the graph machinery can be
 checked here: ``opcheck`` runs the schema/fake-tensor/autograd-registration checks, and a
@@ -15,7 +15,7 @@ OPS = torch.ops.m2iv_kernels
 
 
 def test_opcheck(backend):
-    import m2iv_kernels.library  # noqa: F401  - registers the ops
+    import m2iv_kernels.custom_ops  # noqa: F401  - registers the ops
 
     x, y = torch.randn(4, 64), torch.randn(4, 64)
     heads, head_gates = torch.randn(1, 2, 32), torch.randn(1, 2)
@@ -51,3 +51,16 @@ def test_compiled_layer_matches_eager(backend):
     got.square().sum().backward()
     for a, b in zip(comp_p, eager_p):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_inplace_head_steer_compiles_fullgraph(backend):
+    v, g, mask = torch.randn(4, 32), torch.rand(4), torch.rand(3, 5) > 0.4
+
+    def steer(x):
+        y = x * 2.0
+        mk.head_steer(y, v, g, mask=mask, inplace=True, backend=backend)
+        return y
+
+    x = torch.randn(3, 5, 128)
+    got = torch.compile(steer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, steer(x))

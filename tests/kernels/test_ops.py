@@ -11,7 +11,7 @@ import torch
 import m2iv_kernels as mk
 from m2iv_kernels import reference as ref
 
-from .helpers import assert_close, assert_rel
+from ..helpers import assert_close, assert_rel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -104,14 +104,19 @@ ADD_SHAPES = [((5,), 123), ((1, 1), 4096), ((2, 7), 80), ((1, 1), 8192), ((1, 10
               ((3, 2, 4), 96)]
 
 
-def _check_add(backend, dtype, lead, d, mask_kind=None, bank_kind=None):
+def _residual_inputs(dtype, lead, d, mask_kind, bank_kind):
+    """(residual, x, vector(s), gate(s), mask, index) leaves for the residual ops."""
     n, index = _bank(bank_kind, lead)
     vshape = (d,) if n is None else (n, d)
     res = _leaf(torch.randn(*lead, d, dtype=dtype))
     x = _leaf(torch.randn(*lead, d, dtype=dtype))
     v = _leaf(torch.randn(vshape, dtype=dtype))
     g = _leaf(torch.randn(vshape[:-1], dtype=dtype))
-    mask = _mask(mask_kind, lead)
+    return res, x, v, g, _mask(mask_kind, lead), index
+
+
+def _check_add(backend, dtype, lead, d, mask_kind=None, bank_kind=None):
+    res, x, v, g, mask, index = _residual_inputs(dtype, lead, d, mask_kind, bank_kind)
     out = mk.steer_add(res, x, v, g, mask=mask, index=index, backend=backend)
     expect = ref.steer_add(res, x, v, g, mask=mask, index=index)
     assert_close(out, expect, dtype)
@@ -141,14 +146,8 @@ def test_steer_add_variants(backend, dtype, mask_kind, bank_kind):
 
 def _check_rms(backend, dtype, lead, d, mask_kind=None, bank_kind=None, offset=0.0,
                use_normed=True, use_residual=True):
-    n, index = _bank(bank_kind, lead)
-    vshape = (d,) if n is None else (n, d)
-    res = _leaf(torch.randn(*lead, d, dtype=dtype))
-    x = _leaf(torch.randn(*lead, d, dtype=dtype))
-    v = _leaf(torch.randn(vshape, dtype=dtype))
-    g = _leaf(torch.randn(vshape[:-1], dtype=dtype))
+    res, x, v, g, mask, index = _residual_inputs(dtype, lead, d, mask_kind, bank_kind)
     w = _leaf(torch.randn(d, dtype=dtype) * 0.5 + 1.0)
-    mask = _mask(mask_kind, lead)
     kw = dict(weight_offset=offset, mask=mask, index=index)
     out = mk.steer_add_rmsnorm(res, x, v, g, w, 1e-6, backend=backend, **kw)
     expect = ref.steer_add_rmsnorm(res, x, v, g, w, 1e-6, **kw)
@@ -281,3 +280,42 @@ def test_reference_semantics_by_hand():
     normed, new = mk.steer_add_rmsnorm(y, torch.zeros_like(y), torch.zeros(2), torch.tensor(0.0),
                                        torch.ones(2), 0.0, backend="torch")
     assert torch.allclose(normed, y / (12.5 ** 0.5)) and torch.equal(new, y)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bank_reductions_are_bit_identical(backend, dtype):
+    """Vector, gate and weight gradients are column sums over many rows into a bank shared
+    by several sequences: two-stage, fixed-order reductions (no atomics), so two runs give
+    the same bits on every backend and device."""
+    lead, d, n = (6, 96), 256, 3
+    index = torch.tensor([2, 0, 2, 1, 2, 0])
+    mask = torch.rand(lead) > 0.3
+    res, x = torch.randn(*lead, d, dtype=dtype), torch.randn(*lead, d, dtype=dtype)
+    v, g = torch.randn(n, d), torch.rand(n)
+    w, go = torch.rand(d, dtype=dtype) + 0.5, torch.randn(*lead, d, dtype=dtype)
+
+    def grads():
+        vv, gg, ww = (t.clone().requires_grad_() for t in (v, g, w))
+        normed, new = mk.steer_add_rmsnorm(res, x, vv, gg, ww, mask=mask, index=index,
+                                           backend=backend)
+        out = mk.steer_add(new, normed, vv, gg, mask=mask, index=index, backend=backend)
+        return torch.autograd.grad(out, (vv, gg, ww), go)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_masks_reach_the_kernels_in_their_own_dtype():
+    """No conversion kernel per call: bool and float masks are handed over as they are."""
+    from m2iv_kernels._checks import row_meta
+
+    x = torch.randn(2, 5, 64)
+    for dtype in (torch.bool, torch.float16, torch.bfloat16, torch.float32):
+        mask = torch.ones(2, 5, dtype=dtype)
+        meta = row_meta(x, mask, None, 1)
+        assert meta.mask.dtype == dtype
+        assert meta.mask.data_ptr() == mask.data_ptr()  # a view, not a copy
+    assert row_meta(x, torch.ones(2, 5, dtype=torch.int64), None, 1).mask.dtype == torch.float32

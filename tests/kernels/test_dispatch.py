@@ -98,3 +98,89 @@ def test_dtype_and_device_errors():
         mk.head_steer(x, torch.randn(4, 32, device="meta"), torch.randn(4))
     with pytest.raises(TypeError, match="use backend='torch' for torch.float64"):
         mk.head_steer(x.double(), torch.randn(4, 32), torch.randn(4), backend="triton")
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_auto_is_not_measured_while_compiling_and_not_cached(monkeypatch):
+    """Inside a torch.compile trace (or a CUDA-graph capture) ``auto`` keeps the default
+    without measuring, and decides for good on the next plain call."""
+    from m2iv_kernels import autochoice
+
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "_DECIDED", {})
+    monkeypatch.setattr(autochoice, "_KNOWN", {})
+    monkeypatch.setattr(autochoice, "_read_disk", lambda: {})
+    monkeypatch.setattr(autochoice, "_write_disk", lambda key, record: None)
+    calls = []
+    monkeypatch.setattr(autochoice, "compare",
+                        lambda device, rivals: calls.append(rivals) or {"faster": True})
+    monkeypatch.setattr(backends, "unavailable", lambda name, device: None)  # ext "available"
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert backends.resolve("auto", cpu) == "torch" and not calls
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert backends.resolve("auto", cpu) == "ext" and calls == [("ext", "torch")]
+    assert backends.resolve("auto", cpu) == "ext" and len(calls) == 1  # now cached
+
+
+def test_failed_measurement_is_retried_not_cached(monkeypatch):
+    from m2iv_kernels import autochoice
+
+    monkeypatch.setattr(autochoice, "_KNOWN", {})
+    monkeypatch.setattr(autochoice, "_FAILED", {})
+    monkeypatch.setattr(autochoice, "_read_disk", lambda: {})
+    written = []
+    monkeypatch.setattr(autochoice, "_write_disk", lambda key, record: written.append(record))
+
+    def broken(device, rivals):
+        raise RuntimeError("timer broke")
+
+    monkeypatch.setattr(autochoice, "compare", broken)
+    monkeypatch.setattr(autochoice, "_fingerprint", lambda name: name)
+    cpu = torch.device("cpu")
+    assert autochoice.faster("ext", "torch", cpu) is None
+    monkeypatch.setattr(autochoice, "compare", lambda device, rivals: {"faster": False})
+    assert autochoice.faster("ext", "torch", cpu) is None  # backing off, not re-measuring yet
+    monkeypatch.setattr(autochoice, "RETRY_S", 0.0)
+    assert autochoice.faster("ext", "torch", cpu) is False
+    assert written == [{"faster": False}]  # only the successful measurement reaches disk
+
+
+_FAKE = '''
+"""A launcher module over PyTorch ops: the whole of a new backend, for the registry test."""
+import torch
+from m2iv_kernels import reference
+
+def _term(vectors, gates, meta, rows):
+    steer = (gates.float()[..., None] * vectors.float()).flatten(-2)  # [N, C]
+    if meta.index is not None:
+        steer = steer[meta.index.repeat_interleave(meta.rows_per_seq)[:rows]]
+    else:
+        steer = steer.expand(rows, -1)
+    return steer if meta.mask is None else steer * meta.mask.float()[:, None]
+
+def steer_fwd(x, residual, vectors, gates, meta, out=None):
+    y = x.float() + (0 if residual is None else residual.float()) + _term(vectors, gates, meta,
+                                                                           x.shape[0])
+    return y.to(x.dtype) if out is None else out.copy_(y)
+'''
+
+
+def test_a_new_backend_is_one_table_entry(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("fake_launchers")
+    exec(_FAKE, module.__dict__)
+    monkeypatch.setitem(sys.modules, "fake_launchers", module)
+    entry = backends.Backend("fake", "fake_launchers", ("cpu",), {})
+    monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS + (entry,))
+    assert mk.available_backends("cpu")["fake"] is True
+    assert "fake has no kernels for meta" in backends.unavailable("fake", torch.device("meta"))
+    x, v, g = torch.randn(2, 3, 64), torch.randn(2, 4, 16), torch.randn(2, 4)
+    index, mask = torch.tensor([1, 0]), torch.rand(2, 3) > 0.5
+    out = mk.head_steer(x, v, g, mask=mask, index=index, backend="fake")
+    from m2iv_kernels import reference as ref
+    torch.testing.assert_close(out, ref.head_steer(x, v, g, mask=mask, index=index))
+    assert backends.resolve("auto", torch.device("cpu")) != "fake"  # no auto rule: never picked
