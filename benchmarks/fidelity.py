@@ -1,6 +1,6 @@
-"""The fidelity table on the shipped digits testbed (issues 9 and 12): zero-shot + M2IV vs k-shot
-ICL (random and class-balanced demonstrations) vs the baselines, per label map, several
-training seeds, every row scored on the same eval queries.
+"""The fidelity table on the shipped digits testbed: zero-shot + M2IV vs k-shot ICL (random and
+class-balanced demonstrations) vs the baselines, per label map, several training seeds, every
+row scored on the same eval queries.
 
     python -m benchmarks.fidelity [--quick] [--seeds 3] [--maps heldout0,...] [--out DIR]
 
@@ -206,7 +206,9 @@ def readme_tables(rows: list[dict]) -> str:
 
 
 def checks(rows: list[dict]) -> dict:
-    """Issue 12's "done when" criteria, evaluated on the aggregated rows."""
+    """The acceptance criteria (M2IV vs its own ICL-16 per map and on average, the seed
+    spread, M2IV vs LIVE and mean-activation, many-shot vs balanced ICL, setting (b)),
+    evaluated on the aggregated rows."""
     maps_a = sorted({r["map"] for r in rows if r["setting"] == "a"})
     out: dict = {}
 

@@ -1,8 +1,8 @@
-"""The measurement that chose ``m2iv train``'s defaults (issue 12): one factor at a time around
+"""The measurement that chose ``m2iv train``'s defaults: one factor at a time around
 a centre, on digit-label permutations that are neither the testbed's held-out maps (those are
 kept for the fidelity table, :mod:`benchmarks.fidelity`) nor its family maps.
 
-The centre (:data:`CENTRE`) is the issue's lead: batch 128, KL only, 16 demonstration sets per
+The centre (:data:`CENTRE`) is where a first exploration pointed: batch 128, KL only, 16 demonstration sets per
 query, lr 0.1, the plateau rule. Every config is the centre plus its overrides, so this file's
 runs stay reproducible whatever the library's defaults become (the default ``teacher_sets=4``
 was chosen from the ``m4`` row).
@@ -35,8 +35,8 @@ CENTRE = {"teacher_sets": 16, "batch_size": 128, "lr": 0.1, "ce_weight": 0.0,
 # name -> TrainConfig overrides relative to the centre
 CONFIGS: dict[str, dict] = {
     "centre": {},
-    # the recipe the README and `make demo-train` used before issue 12 (fixed 300 steps,
-    # batch 8, KL + CE + synergy, cosine, one demonstration set per query)
+    # the former default recipe (fixed 300 steps, batch 8, KL + CE + synergy, cosine, one
+    # demonstration set per query)
     "v0-recipe": {"steps": 300, "batch_size": 8, "eval_every": 0, "schedule": "cosine",
                   "warmup": 0.1, "ce_weight": 1.0, "synergy_weight": 0.1, "teacher_sets": 1},
     # batch size (lr unchanged)

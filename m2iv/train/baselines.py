@@ -33,12 +33,11 @@ from collections.abc import Sequence
 import torch
 
 from ..data import TaskData, load_task
-from ..families import describe
+from ..families import describe, module_device, module_dtype
 from ..prompts import PromptBuilder, make_prompt_builder
 from ..vectors import M2IV
 from .config import TrainConfig, TrainResult
 from .distill import Distiller, train_m2iv
-from .forward import model_device, model_dtype
 from .sampling import Sampler
 
 __all__ = ["mean_activation_vectors", "train_method", "METHODS", "TRAINED_METHODS"]
@@ -104,7 +103,7 @@ class _Collector:
 def _mean_at_query(model, builder, info, layers, queries, demos, batch_size):
     """Per-layer mean of o_proj inputs ``[L, H*Dh]`` and MLP outputs ``[L, D]`` at the last
     prompt token."""
-    dev, dt = model_device(model), model_dtype(model)
+    dev, dt = module_device(model), module_dtype(model)
     sum_h = sum_m = None
     n = 0
     with _Collector(info, layers) as col:

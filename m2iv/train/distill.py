@@ -37,14 +37,14 @@ import torch
 
 from .._atomic import atomic_write
 from ..data import DataError, Item, TaskData, load_task
-from ..families import describe
+from ..families import describe, module_device
 from ..patch import patch_model
 from ..prompts import PromptBuilder, make_prompt_builder
 from ..vectors import M2IV
 from . import checkpoint
 from . import distributed as ddp
 from .config import TrainConfig, TrainResult
-from .forward import AnswerForward, model_device
+from .forward import AnswerForward
 from .losses import answer_ce, branch_decorrelation, hidden_alignment, mimicry_kl
 from .plots import plot_history
 from .sampling import Sampler
@@ -89,7 +89,7 @@ class Distiller:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.device = model_device(model)
+        self.device = module_device(model)
         self.info = describe(model)
         self.builder = builder or make_prompt_builder(model, processor)
         self.data: TaskData = load_task(data)

@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import Item, TaskData, load_task
+from ..families import module_device, module_dtype
 from ..patch import patch_model
 from ..prompts import PromptBuilder, make_prompt_builder
 from ..vectors import M2IV
-from .forward import model_device, model_dtype
 from .sampling import Sampler
 
 __all__ = ["vqa_normalize", "exact_match", "generate_answers", "accuracy", "compare",
@@ -95,7 +95,7 @@ def generate_answers(model, builder: PromptBuilder, queries: Sequence[Item],
                      demos: Sequence[Sequence[Item]] | None = None, *,
                      max_new_tokens: int | None = None, batch_size: int = 8) -> list[str]:
     """Greedy answers of ``model`` (steered if it is patched) to the prompts."""
-    dev, dt = model_device(model), model_dtype(model)
+    dev, dt = module_device(model), module_dtype(model)
     out: list[str] = []
     kw = dict(builder.generate_kwargs())
     if max_new_tokens is not None:
@@ -170,7 +170,7 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
                      "prompt_tokens": _prompt_tokens(builder, queries, demos)})
     zs_tokens = _prompt_tokens(builder, queries, None)
     for name, v in (vectors or {}).items():
-        with patch_model(model, v.to(model_device(model)), positions=positions,
+        with patch_model(model, v.to(module_device(model)), positions=positions,
                          backend=backend, strength=strength):
             p = generate_answers(model, builder, queries, None, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size)

@@ -12,24 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..families import module_device, module_dtype
 from ..prompts import EncodedBatch
 
-__all__ = ["AnswerForward", "model_device", "model_dtype"]
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-less module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def model_dtype(model) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (float32 if none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+__all__ = ["AnswerForward"]
 
 
 class _Capture:
@@ -74,8 +60,8 @@ class AnswerForward:
 
     def __init__(self, model, layer_modules: Sequence[torch.nn.Module], amp: str = "auto"):
         self.model = model
-        self.device = model_device(model)
-        self.dtype = model_dtype(model)
+        self.device = module_device(model)
+        self.dtype = module_dtype(model)
         self.layer_modules = list(layer_modules)
         self.use_amp = (amp == "bf16" or (amp == "auto" and self.device.type == "cuda"
                                           and self.dtype == torch.float32))

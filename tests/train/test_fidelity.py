@@ -1,6 +1,6 @@
-"""Method fidelity on the digits testbed (issues 9 and 12): a default training run beats
-zero-shot on a held-out label map, the benchmark's quick mode runs every row on one query set,
-and its aggregation / table / plot code works."""
+"""Method fidelity on the digits testbed: a default training run beats zero-shot on a held-out
+label map, the benchmark's quick mode runs every row on one query set, and its aggregation /
+table / plot code works."""
 import argparse
 import json
 import os
