@@ -11,16 +11,38 @@ Modules: :mod:`.config` (every knob), :mod:`.sampling` (queries, pool, demonstra
 :mod:`.forward` (answer-position forwards), :mod:`.losses`, :mod:`.stopping` (the plateau
 rule, the learning-rate schedule), :mod:`.distill` (the loop), :mod:`.checkpoint`,
 :mod:`.plots`, :mod:`.baselines`, :mod:`.evaluate`, :mod:`.distributed`.
+
+The public names are imported on first use, so :mod:`.config` (which needs no torch) loads
+alone: ``m2iv train --help`` lists the methods and defaults without importing torch.
 """
-from .baselines import METHODS, TRAINED_METHODS, mean_activation_vectors, train_method
-from .config import TrainConfig, TrainResult
-from .distill import Distiller, train_m2iv
-from .evaluate import compare, exact_match, format_table, generate_answers, vqa_normalize
-from .sampling import Sampler
-from .teacher import Teacher, mean_answer_log_probs
-from .teacher_cache import TeacherCache, model_fingerprint
+import importlib
+
+# public name -> the module defining it (imported by __getattr__ on first access)
+_LAZY = {
+    "TrainConfig": ".config", "TrainResult": ".config", "METHODS": ".config",
+    "TRAINED_METHODS": ".config",
+    "Distiller": ".distill", "train_m2iv": ".distill",
+    "mean_activation_vectors": ".baselines", "train_method": ".baselines",
+    "compare": ".evaluate", "exact_match": ".evaluate", "format_table": ".evaluate",
+    "generate_answers": ".evaluate", "vqa_normalize": ".evaluate",
+    "Sampler": ".sampling",
+    "Teacher": ".teacher", "mean_answer_log_probs": ".teacher",
+    "TeacherCache": ".teacher_cache", "model_fingerprint": ".teacher_cache",
+}
 
 __all__ = ["Distiller", "Sampler", "TrainConfig", "TrainResult", "train_m2iv", "Teacher",
            "mean_answer_log_probs", "TeacherCache", "model_fingerprint", "METHODS",
            "TRAINED_METHODS", "mean_activation_vectors", "train_method", "compare",
            "exact_match", "format_table", "generate_answers", "vqa_normalize"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'm2iv.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

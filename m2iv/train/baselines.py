@@ -36,21 +36,11 @@ from ..data import TaskData, load_task
 from ..families import describe, module_device, module_dtype
 from ..prompts import PromptBuilder, make_prompt_builder
 from ..vectors import M2IV
-from .config import TrainConfig, TrainResult
+from .config import TRAINED_METHODS, TrainConfig, TrainResult
 from .distill import Distiller, train_m2iv
 from .sampling import Sampler
 
-__all__ = ["mean_activation_vectors", "train_method", "METHODS", "TRAINED_METHODS"]
-
-#: TrainConfig overrides of each trained method
-TRAINED_METHODS: dict[str, dict] = {
-    "m2iv": {},
-    "live": {"train_mha": False, "synergy_weight": 0.0, "ce_weight": 0.0},
-    "mha-only": {"train_mlp": False},
-    "mlp-only": {"train_mha": False},
-}
-METHODS = ("mean-activation", *TRAINED_METHODS)
-
+__all__ = ["mean_activation_vectors", "train_method"]
 
 def train_method(method: str, model, data, builder: PromptBuilder | None = None,
                  config: TrainConfig | None = None, **kwargs) -> TrainResult:

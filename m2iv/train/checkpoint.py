@@ -8,18 +8,26 @@ The data a resumed run sees is a pure function of the seed and the step, so it c
 same batches. Teacher targets are recomputed (or read from the disk cache): with the cache kept
 (``cache_dir``) a resumed run is bit-identical to an uninterrupted one; without it, recomputed
 targets can differ in the last bits where the teacher batches are composed differently.
+
+A checkpoint taken when Ctrl-C stops a run (``m2iv train`` saves one) must not catch a step
+half applied: the loop applies each update inside :func:`deferred_interrupt`, where Ctrl-C waits
+for the block to end.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import random
+import signal
+import threading
+from collections.abc import Iterator
 
 import torch
 
 from .._atomic import atomic_write
 from .teacher_cache import model_fingerprint
 
-__all__ = ["CHECKPOINT_VERSION", "state_dict", "save", "load"]
+__all__ = ["CHECKPOINT_VERSION", "state_dict", "save", "load", "deferred_interrupt"]
 
 CHECKPOINT_VERSION = 2
 
@@ -79,3 +87,23 @@ def load(d, path: str) -> None:
         torch.cuda.set_rng_state_all(st["rng"]["cuda"])
     state = random.getstate()
     random.setstate((state[0], tuple(st["rng"]["python"]), state[2]))
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """A block that Ctrl-C (SIGINT) does not cut short: a signal arriving inside is delivered
+    to the previous handler when the block ends (in the main thread; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending and previous is not signal.SIG_IGN:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        else:  # SIG_DFL
+            raise KeyboardInterrupt

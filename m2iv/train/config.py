@@ -15,10 +15,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["TrainConfig", "TrainResult", "SYNERGY_MODES", "SCHEDULES"]
+__all__ = ["TrainConfig", "TrainResult", "SYNERGY_MODES", "SCHEDULES",
+           "TRAINED_METHODS", "METHODS"]
 
 SYNERGY_MODES = ("align", "decorr", "both", "none")
 SCHEDULES = ("plateau", "cosine")
+#: the trained methods as :class:`TrainConfig` overrides (M2IV, its baselines and ablations)
+TRAINED_METHODS: dict[str, dict] = {
+    "m2iv": {},
+    "live": {"train_mha": False, "synergy_weight": 0.0, "ce_weight": 0.0},
+    "mha-only": {"train_mlp": False},
+    "mlp-only": {"train_mha": False},
+}
+#: every method ``m2iv train --method`` accepts (mean-activation is training-free)
+METHODS = ("mean-activation", *TRAINED_METHODS)
 
 
 @dataclass
@@ -111,7 +121,7 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 1 or None (never stop early); got "
                              f"{self.patience}")
         if not 0 < self.plateau_decay < 1 and self.plateau_decays > 0:
-            raise ValueError(f"plateau_decay must be in (0, 1); got {self.plateau_decay}")
+            raise ValueError(f"plateau_decay={self.plateau_decay} is not in (0, 1)")
         if self.eval_every < 0 or self.val_queries < 0:
             raise ValueError("eval_every and val_queries must be >= 0")
         if not (self.train_mha or self.train_mlp):

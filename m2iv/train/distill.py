@@ -283,10 +283,8 @@ class Distiller:
         f = self.lr_factor(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = self._base_lrs[g["name"]] * f
-        self.optimizer.step()
-        self.step += 1
         n = max(sums["n"], 1.0)
-        rec = {"step": self.step, "kl": sums["kl"] / n, "ce": sums["ce"] / n,
+        rec = {"step": self.step + 1, "kl": sums["kl"] / n, "ce": sums["ce"] / n,
                "grad_norm": float(gnorm), "lr": cfg.lr * f,
                "time": round(sum(self._clock.values()), 3)}
         if cfg.uses_align:
@@ -296,7 +294,10 @@ class Distiller:
         rec["loss"] = (cfg.kl_weight * rec["kl"] + cfg.ce_weight * rec["ce"]
                        + cfg.synergy_weight * (rec.get("align", 0.0)
                                                + cfg.decorr_weight * rec.get("decorr", 0.0)))
-        self.history.append(rec)
+        with checkpoint.deferred_interrupt():  # the update, its step and its record go together
+            self.optimizer.step()
+            self.step += 1
+            self.history.append(rec)
         return rec
 
     # ------------------------------------------------------------------ evaluation
@@ -374,7 +375,8 @@ class Distiller:
             while self.step < cfg.steps and not self.plateau.stopped:
                 rec = self.train_step()
                 if self.validating and self.step % cfg.eval_every == 0:
-                    self.validate()
+                    with checkpoint.deferred_interrupt():  # the plateau rule's state
+                        self.validate()
                 if bar is not None:
                     bar.update(1)
                     post = {"kl": f"{rec['kl']:.4f}"}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 
+from .._extras import require
+
 __all__ = ["plot_history"]
 
 
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
-    """Write the loss curve of ``history`` (the run's log records) to ``path``."""
-    import matplotlib
-
+    """Write the loss curve of ``history`` (the run's log records) to ``path`` (needs
+    matplotlib: :class:`~m2iv.errors.MissingDependencyError` naming the extra without it)."""
+    matplotlib = require("matplotlib", "the loss plot")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

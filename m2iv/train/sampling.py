@@ -53,12 +53,12 @@ class Sampler:
         self.data, self.shots, self.seed = data, shots, seed
         self.batch_size, self.grad_accum = batch_size, grad_accum
         if pool_size is not None and pool_size > len(data.pool):
-            raise DataError(f"pool_size {pool_size} > the {len(data.pool)} items of the pool "
-                            f"split of task {data.name!r}")
+            raise DataError(f"pool_size={pool_size} is more than the {len(data.pool)} items of "
+                            f"the pool split of task {data.name!r}")
         self.pool: list[Item] = _subset(data.pool, pool_size, seed, "pool")
         if len(self.pool) < shots:
-            raise DataError(f"the demonstration pool of task {data.name!r} has "
-                            f"{len(self.pool)} items, fewer than shots={shots}")
+            raise DataError(f"shots={shots} is more than the {len(self.pool)} items of the "
+                            f"demonstration pool of task {data.name!r}")
         train = list(data.train)
         # at most a quarter of a small train split is held out
         n_val = min(val_queries, len(train) // 4)

@@ -226,7 +226,7 @@ def test_config_and_data_errors(llava, task):
         TrainConfig(shots=0)
     with pytest.raises(ValueError, match="nothing to train"):
         TrainConfig(train_mha=False, train_mlp=False)
-    with pytest.raises(ValueError, match="pool_size 999"):
+    with pytest.raises(ValueError, match="pool_size=999 is more than"):
         Distiller(model, task, b, TrainConfig(shots=2, pool_size=999))
     no_train = TaskData.from_items([r for r in synthetic_records(16) if r["split"] != "train"])
     with pytest.raises(ValueError, match="train"):
