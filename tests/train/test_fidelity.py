@@ -90,3 +90,35 @@ def test_aggregate_table_and_plot_on_fake_result(tmp_path):
 def test_vector_accs_parses_eval_json():
     j = {"rows": [{"method": "zero-shot", "accuracy": 0.1}, {"method": "m2iv", "accuracy": 0.83}]}
     assert fidelity._vector_accs(j) == {"zero-shot": pytest.approx(10.0), "m2iv": pytest.approx(83.0)}
+
+
+def test_checks_and_icl_table_on_fake_result():
+    """The acceptance checks compare each map's M2IV with its own ICL-16 and baselines; the
+    ICL table averages each setting's maps."""
+    def held(m2iv, icl16):
+        return {"icl-random": {"0": [10, 10, 10], "16": icl16},
+                "icl-balanced": {"0": [10, 10, 10], "16": [95, 95, 95]},
+                "m2iv": m2iv, "live": [80, 80, 80], "mean-activation": [12, 12, 12],
+                "m2iv-pool128": [96, 96, 96]}
+    fake = {"maps": {"heldout0": held([95, 96, 97], [85, 85, 85]),
+                     "heldout1": held([90, 91, 92], [94, 94, 94]),  # 3 below its own ICL-16
+                     "heldout2": held([80, 90, 100], [86, 86, 86]),  # std 10
+                     "succ": {"icl-random": {"16": [95, 95, 95]}, "m2iv": [94, 94, 94]}}}
+    rows = fidelity.aggregate(fake)
+    c = fidelity.checks(rows)
+    assert c["a_mean_m2iv"] == pytest.approx((96 + 91 + 90) / 3)
+    assert c["a_mean_icl16_random"] == pytest.approx(265 / 3)
+    assert c["a_m2iv_ge_icl16_on_average"] is True
+    assert c["a_gap_to_icl16_per_map"]["heldout1"] == pytest.approx(-3.0)
+    assert c["a_no_map_more_than_2_below_icl16"] is False
+    assert c["a_three_seeds_std_le_3_on_3_maps"] is False  # heldout2's seeds spread 10 points
+    assert c["a_m2iv_above_live_every_map"] is True
+    assert c["manyshot_pool128_ge_icl16_balanced_on_average"] is True
+    assert c["b_no_map_more_than_2_below_icl16"] is True
+    text = fidelity.checks_list(c)
+    assert "smallest gap -3.0 on heldout1" in text and "2 of 3 maps; largest 10.0" in text
+    assert "- (b) M2IV vs ICL-16 random: succ 94.0 vs 95.0" in text
+    table = fidelity.icl_table(rows).splitlines()
+    assert table[0] == "| shots | ICL random (a) | ICL balanced (a) | ICL random (b) | " \
+                       "ICL balanced (b) |"
+    assert table[-1] == f"| 16 | {265 / 3:.1f} | 95.0 | 95.0 | – |"
