@@ -15,7 +15,7 @@ rule, the learning-rate schedule), :mod:`.distill` (the loop), :mod:`.checkpoint
 The public names are imported on first use, so :mod:`.config` (which needs no torch) loads
 alone: ``m2iv train --help`` lists the methods and defaults without importing torch.
 """
-import importlib
+from .._lazy import lazy_attributes
 
 # public name -> the module defining it (imported by __getattr__ on first access)
 _LAZY = {
@@ -36,13 +36,4 @@ __all__ = ["Distiller", "Sampler", "TrainConfig", "TrainResult", "train_m2iv", "
            "exact_match", "format_table", "generate_answers", "vqa_normalize"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'm2iv.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
