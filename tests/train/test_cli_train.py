@@ -194,8 +194,17 @@ def _short_run(tmp_path, data) -> list[str]:
             "--no-progress", "--threads", "1", "--cache-dir", str(tmp_path / "cache")]
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler, as in a terminal: a process started in the background by a
+    non-interactive shell (``cmd &``) inherits SIGINT ignored, and Python then keeps it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, capsys,
-                                                                 monkeypatch):
+                                                                 monkeypatch, ctrl_c_raises):
     data = _digits(tmp_path)
     argv = _short_run(tmp_path, data)
     ref, out = str(tmp_path / "ref.safetensors"), str(tmp_path / "v.safetensors")
@@ -227,7 +236,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, capsy
     assert a.meta["metrics"]["steps"] == 6
 
 
-def test_ctrl_c_waits_for_the_update_in_progress():
+def test_ctrl_c_waits_for_the_update_in_progress(ctrl_c_raises):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupt():
