@@ -107,6 +107,7 @@ CLOCKS = ("wall", "thread")
 def interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *, reps: int,
                 inner: int = 1, clock: str = "wall", warmup: int = 1,
                 setup: Mapping[str, Callable[[], Callable[[], None]]] | None = None,
+                self_timed: bool = False,
                 progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each mode, one sample per repetition, modes interleaved.
 
@@ -114,7 +115,8 @@ def interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *
     per repetition, so no mode always runs first or after the same neighbour. ``setup[name]``
     (optional) is entered before a mode's calls and returns its undo, called after them
     (outside the timed region). ``clock``: ``"wall"`` or ``"thread"`` (see the module
-    docstring; on a GPU only ``"wall"``).
+    docstring; on a GPU only ``"wall"``). ``self_timed``: each call returns the seconds to
+    count (e.g. decode steps without their prefill) instead of being timed whole.
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}; got {clock!r}")
@@ -131,10 +133,13 @@ def interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *
                 fn = fns[name]
                 sync(device)
                 t0 = now()
-                for _ in range(inner):
-                    fn()
+                if self_timed:
+                    counted = sum(fn() for _ in range(inner))
+                else:
+                    for _ in range(inner):
+                        fn()
                 sync(device)
-                elapsed = (now() - t0) / inner
+                elapsed = (counted if self_timed else now() - t0) / inner
             finally:
                 if undo is not None:
                     undo()

@@ -217,12 +217,15 @@ def test_per_layer_placement_uses_the_layer_device():
         assert spec1.device == torch.device("meta")
         assert h._states[1].device == torch.device("meta")
         assert h.modes == {0: "fold", 1: "head"}  # no fold through an unmaterialised o_proj
-        # placed at patch time, before any forward
-        assert all(x.device.type == "meta" for x in h._states[1]._cached.values())
-        assert all(x.device.type == "cpu" for x in h._states[0]._cached.values())
-        t = h.layer_tensors(1, h._states[1].device)
+        # placed at patch time, before any forward, and the backend resolved there
+        def placed(st):
+            return [t.device.type for b in st.banks.values() for t in (b.vectors, b.gates)]
+
+        assert set(placed(h._states[1])) == {"meta"} and h._states[1].entry.device.type == "meta"
+        assert set(placed(h._states[0])) == {"cpu"} and h._states[0].entry.device.type == "cpu"
+        t = h._states[1].public_tensors()
         assert all(x.device.type == "meta" for x in t.values())
-        t0 = h.layer_tensors(0, h._states[0].device)
+        t0 = h._states[0].public_tensors()
         assert all(x.device.type == "cpu" for x in t0.values())
     finally:
         h.remove()
