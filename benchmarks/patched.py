@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 import m2iv
+from m2iv._extras import missing
 from m2iv.bench import overhead
+from m2iv.bench.modes import MODES
 from m2iv.bench.common import (device_tag, machine_info, print_table, results_dir,
                                write_results)
 from m2iv.bench.presets import PRESETS, apply_overrides, build_model, make_inputs
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    default=["prefill", "decode"])
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per generate()")
     p.add_argument("--reps", type=int, default=15, help="interleaved repetitions")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[:3]),
+                   help="fused_kernels: the fused patch with its kernels as opaque ops in "
+                        "compiled graphs (M2IV_COMPILED_OPS=kernels; in eager = fused)")
     p.add_argument("--positions", choices=("all", "text"), default="all",
                    help="tokens the fused patch steers (text: image tokens unsteered)")
     p.add_argument("--clock", choices=("wall", "thread"), default=None,
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="seconds-long run: batch 1, 2 steps, 2 repetitions, 2 layers")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default: a new one under runs/)")
+    p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = overhead.run(model, vectors, lambda b: make_inputs(preset, model, 0, batch=b)[0],
                         batches=tuple(args.batch), compiled=compiled, phases=tuple(args.phases),
                         steps=args.steps, reps=args.reps, device=device, clock=clock,
-                        positions=args.positions,
+                        modes=tuple(args.modes), positions=args.positions,
                         progress=lambda label: print(f"{label} ...", flush=True))
     backend = resolve("auto", device)
     for row in rows:
@@ -93,10 +99,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meta = {**machine_info(device), "preset": preset.name, "clock": clock}
     print(f"\nsteering cost, {preset.name} on {meta['device']} (backend {backend}, "
           f"{clock} clock; ratios: median of per-repetition time ratios, IQR p25-p75)")
-    print_table(rows, overhead.COLUMNS)
+    print_table(rows, [c for c in overhead.COLUMNS if any(c in r for r in rows)])
     out = args.out or results_dir("patched")
-    js, cs = write_results(f"patched-{device_tag(device)}-{preset.name}", rows, meta, out)
-    print(f"\nwrote {js} and {cs}")
+    stem = f"patched-{device_tag(device)}-{preset.name}"
+    files = list(write_results(stem, rows, meta, out))
+    why = missing("matplotlib", "the plot")
+    if why is not None:
+        print(f"note: {why}; skipped it")
+    elif not args.no_plots:
+        from m2iv.bench.plots import plot_overhead
+
+        files.append(plot_overhead(rows, f"{preset.name} on {meta['device']}", out / stem))
+    print("\nwrote " + ", ".join(map(str, files)))
     return rows
 
 

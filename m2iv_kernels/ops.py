@@ -138,7 +138,8 @@ def _kernel_backend(backend: str, x: torch.Tensor) -> str | None:
         return None
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the {name} kernels take float32, float16 or bfloat16 activations, "
-                        f"got {x.dtype}; use backend='torch' for {x.dtype} ('auto' picks it by itself)")
+                        f"got {x.dtype}; use backend='torch' for {x.dtype} ('auto' picks it "
+                        "by itself)")
     return name
 
 

@@ -133,48 +133,47 @@ class Entry:
     def __repr__(self) -> str:
         return f"Entry({self.backend!r}, {str(self.device)!r})"
 
-    def _aten(self) -> bool:
+    def _traced(self) -> bool:
         """Whether this call runs the reference's ops: no kernels (the ``torch`` backend), or
         a trace that should see decomposable aten ops."""
-        return self._launch is None or (torch.compiler.is_compiling()
-                                        and not self._compiled_kernels)
+        return self._launch is None or not self._compiled_kernels
 
     def add(self, residual: torch.Tensor, x: torch.Tensor, bank: Bank, r: Rows = NO_ROWS
             ) -> torch.Tensor:
         """``residual + x + mask * gates * vectors[index]``."""
-        if self._aten():
+        if self._launch is not None and not torch.compiler.is_compiling():
+            return self._launch.steer_fwd(x, residual, bank.vectors, bank.gates, r)
+        if self._traced():
             v, g, i = _reference_bank(bank, r, residual=True)
             return reference.steer_add(residual, x, v, g, mask=_mask(r, x), index=i)
-        if torch.compiler.is_compiling():
-            return custom_ops.steer_fwd(self.backend, x, residual, bank.vectors, bank.gates, r)
-        return self._launch.steer_fwd(x, residual, bank.vectors, bank.gates, r)
+        return custom_ops.steer_fwd(self.backend, x, residual, bank.vectors, bank.gates, r)
 
     def add_rmsnorm(self, residual: torch.Tensor, x: torch.Tensor, bank: Bank,
                     weight: torch.Tensor, eps: float, weight_offset: float, r: Rows = NO_ROWS
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normed, new_residual)`` of :func:`m2iv_kernels.steer_add_rmsnorm`."""
-        if self._aten():
+        if self._launch is not None and not torch.compiler.is_compiling():
+            normed, new_res, _ = self._launch.rmsnorm_fwd(residual, x, bank.vectors,
+                                                          bank.gates, weight, eps,
+                                                          weight_offset, r)
+            return normed, new_res
+        if self._traced():
             v, g, i = _reference_bank(bank, r, residual=True)
             return reference.steer_add_rmsnorm(residual, x, v, g, weight, eps,
                                                weight_offset=weight_offset, mask=_mask(r, x),
                                                index=i)
-        if torch.compiler.is_compiling():
-            normed, new_res, _ = custom_ops.rmsnorm_fwd(self.backend, residual, x, bank.vectors,
-                                                        bank.gates, weight, eps, weight_offset,
-                                                        r)
-        else:
-            normed, new_res, _ = self._launch.rmsnorm_fwd(residual, x, bank.vectors, bank.gates,
-                                                          weight, eps, weight_offset, r)
+        normed, new_res, _ = custom_ops.rmsnorm_fwd(self.backend, residual, x, bank.vectors,
+                                                    bank.gates, weight, eps, weight_offset, r)
         return normed, new_res
 
     def head(self, x: torch.Tensor, bank: Bank, r: Rows = NO_ROWS, inplace: bool = False
              ) -> torch.Tensor:
         """``x + mask * (gates[..., None] * vectors)[index].flatten()``; into ``x`` itself
         with ``inplace`` where that is free (eager, contiguous ``x``)."""
-        if self._aten():
+        if self._launch is not None and not torch.compiler.is_compiling():
+            out = x if inplace and x.is_contiguous() else None
+            return self._launch.steer_fwd(x, None, bank.vectors, bank.gates, r, out)
+        if self._traced():
             v, g, i = _reference_bank(bank, r, residual=False)
             return reference.head_steer(x, v, g, mask=_mask(r, x), index=i)
-        if torch.compiler.is_compiling():
-            return custom_ops.steer_fwd(self.backend, x, None, bank.vectors, bank.gates, r)
-        out = x if inplace and x.is_contiguous() else None
-        return self._launch.steer_fwd(x, None, bank.vectors, bank.gates, r, out)
+        return custom_ops.steer_fwd(self.backend, x, None, bank.vectors, bank.gates, r)

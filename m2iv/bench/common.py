@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import gc
 import datetime as _dt
 import json
 import os
@@ -77,6 +78,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call (synchronised on a GPU)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return max(time.perf_counter() - t0, 1e-9)
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, *, budget_s: float = 0.3,
             min_reps: int = 5) -> dict[str, float]:
     """Median and interquartile range of ``fn``'s run time in milliseconds."""
@@ -104,6 +114,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, budget_s: float =
 CLOCKS = ("wall", "thread")
 
 
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off meanwhile (collected first), as ``timeit`` does:
+    a collection would land in whichever mode happens to allocate past the threshold."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *, reps: int,
                 inner: int = 1, clock: str = "wall", warmup: int = 1,
                 setup: Mapping[str, Callable[[], Callable[[], None]]] | None = None,
@@ -127,27 +151,34 @@ def interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + reps):
         order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            undo = setup[name]() if setup and name in setup else None
-            try:
-                fn = fns[name]
-                sync(device)
-                t0 = now()
-                if self_timed:
-                    counted = sum(fn() for _ in range(inner))
-                else:
-                    for _ in range(inner):
-                        fn()
-                sync(device)
-                elapsed = (counted if self_timed else now() - t0) / inner
-            finally:
-                if undo is not None:
-                    undo()
-            if r >= warmup:
-                samples[name].append(elapsed)
+        with no_gc():
+            _one_round(fns, order, samples if r >= warmup else None, device, inner, now,
+                       setup, self_timed)
         if progress is not None:
             progress(r)
     return samples
+
+
+def _one_round(fns, order, samples, device, inner, now, setup, self_timed) -> None:
+    """Each mode of ``order`` once (``inner`` calls); appended to ``samples`` unless None."""
+    for name in order:
+        undo = setup[name]() if setup and name in setup else None
+        try:
+            fn = fns[name]
+            sync(device)
+            t0 = now()
+            if self_timed:
+                counted = sum(fn() for _ in range(inner))
+            else:
+                for _ in range(inner):
+                    fn()
+            sync(device)
+            elapsed = (counted if self_timed else now() - t0) / inner
+        finally:
+            if undo is not None:
+                undo()
+        if samples is not None:
+            samples[name].append(elapsed)
 
 
 def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:

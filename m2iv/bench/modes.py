@@ -8,16 +8,22 @@ own compiled graphs) over the very same parameter and buffer tensors (no extra w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 
+from m2iv_kernels.prepared import COMPILED_ENV
+
 __all__ = ["twin", "MODES", "steered_twins"]
 
-#: unsteered; the fused patcher (m2iv.patch_model); the same steering through plain forward hooks
-MODES = ("unsteered", "fused", "hooks")
+#: unsteered; the fused patcher (m2iv.patch_model); the same steering through plain forward
+#: hooks; the fused patcher whose compiled graphs call the kernels as opaque ops
+#: (``M2IV_COMPILED_OPS=kernels``; eager it is ``fused``)
+MODES = ("unsteered", "fused", "hooks", "fused_kernels")
 
 
 def twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -27,7 +33,7 @@ def twin(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def steered_twins(model: torch.nn.Module, vectors, *, backend: str = "auto",
-                  modes: tuple[str, ...] = MODES, **patch_kwargs
+                  modes: tuple[str, ...] = MODES[:3], **patch_kwargs
                   ) -> tuple[dict[str, torch.nn.Module], Callable[[], None]]:
     """``({mode: model copy}, undo)``: ``unsteered`` is ``model`` itself, ``fused`` a twin
     patched with ``m2iv.patch_model(vectors, backend=backend, **patch_kwargs)``, ``hooks`` a
@@ -42,10 +48,11 @@ def steered_twins(model: torch.nn.Module, vectors, *, backend: str = "auto",
     for mode in modes:
         if mode == "unsteered":
             models[mode] = model
-        elif mode == "fused":
+        elif mode.startswith("fused"):
             models[mode] = twin(model)
-            undo.append(m2iv.patch_model(models[mode], vectors, backend=backend,
-                                         **patch_kwargs).remove)
+            with _env(COMPILED_ENV, "kernels" if mode == "fused_kernels" else None):
+                undo.append(m2iv.patch_model(models[mode], vectors, backend=backend,
+                                             **patch_kwargs).remove)
         else:
             models[mode] = twin(model)
             undo.append(add_steering_hooks(models[mode], vectors,
@@ -56,3 +63,19 @@ def steered_twins(model: torch.nn.Module, vectors, *, backend: str = "auto",
             fn()
 
     return models, remove
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name]`` set (or, for None, left as it is) meanwhile."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old

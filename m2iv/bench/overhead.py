@@ -1,11 +1,12 @@
 """What steering costs: unsteered vs fused (``m2iv.patch_model``) vs forward hooks, interleaved.
 
 For each batch size and each of eager and compiled execution it times, per repetition, every
-mode once (rotating order), each mode on its own :func:`~m2iv.bench.modes.twin` of the model:
+mode once, each mode on its own :func:`~m2iv.bench.modes.twin` of the model:
 
-* ``prefill``: one forward over the prompt;
-* ``decode``: greedy ``generate()`` of ``steps + 1`` tokens; the time from the first to the
-  last generated token (prefill excluded), i.e. ``steps`` decode steps with the KV cache.
+* ``prefill``: forwards over the prompt (as many per sample as take ~50 ms);
+* ``decode``: greedy ``generate()`` of ``steps + 1`` tokens per mode, the modes' generate
+  calls in lockstep (:func:`lockstep_decode`: they take turns token by token); the time of
+  ``steps`` decode steps with the KV cache, prefill excluded.
 
 Eager uses transformers' default (dynamic) cache. Compiled is what transformers documents for
 fast decoding: ``model.forward = torch.compile(model.forward, fullgraph=True)`` and
@@ -24,10 +25,11 @@ from collections.abc import Callable
 
 import torch
 
-from .common import flag_noise, interleaved, ratio_stats, sync
-from .modes import steered_twins
+from .common import flag_noise, interleaved, no_gc, ratio_stats, sync, time_once
+from .modes import MODES, steered_twins
 
-PAIRS = (("fused", "unsteered"), ("hooks", "unsteered"), ("fused", "hooks"))
+PAIRS = (("fused", "unsteered"), ("hooks", "unsteered"), ("fused", "hooks"),
+         ("fused_kernels", "unsteered"), ("fused_kernels", "fused"))
 
 
 class _Clock:
@@ -54,6 +56,84 @@ def decode_seconds(model, inputs: dict, steps: int, device: torch.device,
                        do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
                        pad_token_id=0, **generate_kwargs)
     return clock.stamps[-1] - clock.stamps[0]
+
+
+def lockstep_decode(models: dict[str, torch.nn.Module], inputs: dict, steps: int,
+                    device: torch.device, clock: str = "wall", first: int = 0,
+                    **generate_kwargs) -> dict[str, float]:
+    """Seconds of ``steps`` decode steps per model, the models' ``generate()`` calls run in
+    lockstep: one thread per model, and a baton passed at every generated token, so the modes
+    alternate step by step (A, B, C, A, B, C, ...) and a burst of load on a shared machine
+    hits all of them alike. Each model's time counts only while it holds the baton (its
+    thread's CPU time with ``clock="thread"``), from one token to the next, prefill excluded.
+    ``first``: the model that starts (rotate it between calls).
+    """
+    import threading
+
+    from transformers import StoppingCriteriaList
+
+    names = list(models)
+    now = time.perf_counter if clock == "wall" else time.thread_time
+    cond = threading.Condition()
+    state = {"turn": first % len(names), "done": set()}
+    spent = dict.fromkeys(names, 0.0)
+    errors: list[BaseException] = []
+
+    def pass_baton(k: int) -> None:  # under cond: the next model still generating
+        for j in range(1, len(names) + 1):
+            nxt = (k + j) % len(names)
+            if names[nxt] not in state["done"]:
+                state["turn"] = nxt
+                break
+        cond.notify_all()
+
+    def wait_turn(k: int) -> None:  # under cond
+        cond.wait_for(lambda: state["turn"] == k or errors)
+
+    class Baton:
+        def __init__(self, k: int):
+            self.k, self.tokens, self.resumed = k, 0, 0.0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            sync(device)
+            t = now()
+            self.tokens += 1
+            if self.tokens > 1:
+                spent[names[self.k]] += t - self.resumed
+            with cond:
+                if self.tokens == steps + 1:  # the last token: generate() returns next
+                    state["done"].add(names[self.k])
+                    pass_baton(self.k)
+                else:
+                    pass_baton(self.k)
+                    wait_turn(self.k)
+            self.resumed = now()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def work(k: int) -> None:
+        try:
+            with cond:
+                wait_turn(k)
+            with torch.no_grad():
+                models[names[k]].generate(
+                    **inputs, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                    do_sample=False, stopping_criteria=StoppingCriteriaList([Baton(k)]),
+                    pad_token_id=0, **generate_kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+            with cond:
+                errors.append(err)
+                state["done"].add(names[k])
+                pass_baton(k)
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(names))]
+    with no_gc():
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    if errors:
+        raise errors[0]
+    return spent
 
 
 def prefill_call(model, inputs: dict) -> Callable[[], object]:
@@ -109,15 +189,22 @@ def run(model: torch.nn.Module, vectors, make_inputs: Callable[[int], dict], *,
         batches: tuple[int, ...], compiled: tuple[bool, ...] = (False, True),
         phases: tuple[str, ...] = ("prefill", "decode"), steps: int = 16, reps: int = 15,
         device: torch.device, backend: str = "auto", clock: str = "wall",
+        modes: tuple[str, ...] = MODES[:3],
         progress: Callable[[str], None] | None = None, **patch_kwargs) -> list[dict]:
     """Rows of the cases (phase x batch x eager/compiled) with times and ratios; see the module
     docstring. ``make_inputs(batch)`` gives the model inputs of the prompt."""
     rows = []
     for comp in compiled:
-        models, undo = steered_twins(model, vectors, backend=backend, **patch_kwargs)
+        models, undo = steered_twins(model, vectors, backend=backend, modes=modes,
+                                     **patch_kwargs)
         uncompile = None
         try:
             if comp:
+                # one eager forward first: lazy set-up (transformers installs its output
+                # capturing hooks on first use) cannot run inside a fullgraph trace
+                inputs = make_inputs(batches[0])
+                for m in models.values():
+                    prefill_call(m, inputs)()
                 uncompile = _compile(models)
             gen = {"cache_implementation": "static"} if comp else {}
             for batch in batches:
@@ -126,22 +213,28 @@ def run(model: torch.nn.Module, vectors, make_inputs: Callable[[int], dict], *,
                     label = f"{phase} b={batch} {'compiled' if comp else 'eager'}"
                     if progress:
                         progress(label)
+                    before = None
                     if phase == "prefill":
                         fns = {m: prefill_call(mm, inputs) for m, mm in models.items()}
-                        self_timed = False
+                        for fn in fns.values():  # compile and warm every graph first
+                            fn()
+                        # samples of >= ~50 ms: a short burst of load averages out
+                        inner = max(1, round(0.05 / time_once(next(iter(fns.values())),
+                                                               device)))
+                        before = _graphs() if comp else 0
+                        samples = interleaved(fns, device, reps=reps, inner=inner, warmup=1,
+                                              clock=clock)
                     else:
-                        fns = {m: (lambda mm=mm: decode_seconds(mm, inputs, steps, device,
-                                                                clock, **gen))
-                               for m, mm in models.items()}
-                        self_timed = True
-                    for fn in fns.values():  # compile and warm every graph before timing
-                        fn()
-                        fn()
-                    before = _graphs() if comp else 0
-                    samples = interleaved(fns, device, reps=reps, warmup=1, clock=clock,
-                                          self_timed=self_timed)
+                        for _ in range(2):  # compile and warm every graph first
+                            lockstep_decode(models, inputs, steps, device, clock, **gen)
+                        before = _graphs() if comp else 0
+                        samples = {m: [] for m in models}
+                        for r in range(reps):
+                            for m, sec in lockstep_decode(models, inputs, steps, device, clock,
+                                                          first=r, **gen).items():
+                                samples[m].append(sec)
                     case = {"phase": phase, "batch": batch,
-                            "mode": "compiled" if comp else "eager",
+                            "exec": "compiled" if comp else "eager",
                             "tokens": inputs["input_ids"].shape[1],
                             "steps": steps if phase == "decode" else None, "reps": reps,
                             "clock": clock}
@@ -156,7 +249,8 @@ def run(model: torch.nn.Module, vectors, make_inputs: Callable[[int], dict], *,
     return rows
 
 
-COLUMNS = ["phase", "batch", "mode", "unsteered_ms", "fused_ms", "hooks_ms",
-           "fused/unsteered", "fused/unsteered_p25", "fused/unsteered_p75",
-           "hooks/unsteered", "fused/hooks", "fused/hooks_p25", "fused/hooks_p75", "recompiles",
-           "fused/unsteered_note", "fused/hooks_note"]
+COLUMNS = ["phase", "batch", "exec", "unsteered_ms", "fused_ms", "hooks_ms",
+           "fused_kernels_ms", "fused/unsteered", "fused/unsteered_p25", "fused/unsteered_p75",
+           "hooks/unsteered", "fused/hooks", "fused/hooks_p25", "fused/hooks_p75",
+           "fused_kernels/fused", "fused_kernels/fused_p25", "fused_kernels/fused_p75",
+           "recompiles", "fused/unsteered_note", "fused/hooks_note", "fused_kernels/fused_note"]

@@ -58,12 +58,13 @@ class PatchHandle:
         self._active = False
         self._replaced_by: PatchHandle | None = None
         self._vectors, self._vec_grad, self._states = self._prepare(vectors)
-        self._sources = self._versions(self._vectors)
+        self._set_sources(self._vectors)
         self._index_value: torch.Tensor | int | None = None
         # (device, batch size) -> the [B] bank index; select() rewrites them in place
         self._index_bufs: dict[tuple[torch.device, int], torch.Tensor] = {}
         self._rows_cache: tuple | None = None
         self._in_forward = False
+        self._set_plain()
         if index is not None:
             self._index_value = self._check_index(index, self._vectors)
         self._top: Rebind | None = None
@@ -129,20 +130,23 @@ class PatchHandle:
             for i, st in self._states.items():
                 st.adopt(states[i])
             self._vectors, self._vec_grad = new_vectors, vec_grad
-            self._sources = self._versions(new_vectors)
+            self._set_sources(new_vectors)
             self._set_index(index)
+            self._set_plain()
             return
         old = (self._vectors, self._vec_grad, self._states, self._index_value)
         self._uninstall_layers()
         self._vectors, self._vec_grad, self._states = new_vectors, vec_grad, states
-        self._sources = self._versions(new_vectors)
+        self._set_sources(new_vectors)
         self._set_index(index)
+        self._set_plain()
         try:
             self._install_layers()
         except BaseException:
             self._uninstall_layers()
             self._vectors, self._vec_grad, self._states, index = old
-            self._sources = self._versions(self._vectors)
+            self._set_sources(self._vectors)
+            self._set_plain()
             self._set_index(index)
             self._install_layers()
             raise
@@ -174,6 +178,7 @@ class PatchHandle:
         """Change which tokens are steered (see :mod:`m2iv.patch.positions`)."""
         self._check_live()
         self._pos = Positions(positions, self.info.image_token_ids, type(self.model).__name__)
+        self._set_plain()
 
     def remove(self) -> None:
         """Unpatch: restore every rebound forward exactly. Idempotent."""
@@ -206,7 +211,13 @@ class PatchHandle:
                 st.refresh(device=x.device)
             elif not self._in_forward:  # a layer called outside the patched module
                 self._refresh(only=st)
+            if self._every_token:  # no mask, no bank: the layer's one prepared Inject
+                return st.inject
         return Inject(st, self._rows(x))
+
+    def _set_plain(self) -> None:
+        """Whether every token is steered by one vector set (no mask, no bank index)."""
+        self._every_token = self._pos.kind == "all" and not self._vectors.is_bank
 
     def _rows(self, x: torch.Tensor) -> Rows:
         """This forward's token rows (mask, bank index), made once and shared by the layers."""
@@ -267,20 +278,22 @@ class PatchHandle:
         finally:
             self._in_forward = False
 
-    @staticmethod
-    def _versions(vectors: M2IV) -> tuple[int, ...]:
-        return tuple(t._version for t in vectors.tensors().values())
+    def _set_sources(self, vectors: M2IV) -> None:
+        """Remember the vectors' tensors and their versions (in-place edits bump them)."""
+        self._source_tensors = tuple(vectors.tensors().values())
+        self._sources = tuple(t._version for t in self._source_tensors)
 
     def _refresh(self, force: bool = False, only: LayerState | None = None) -> None:
         """Once per eager forward: recompute the banks of layers whose inputs changed in place
         (the vectors' values: every layer; a folded o_proj weight: its layer, or ``only``)."""
-        changed = force or self._sources != self._versions(self._vectors)
+        versions = tuple(t._version for t in self._source_tensors)
+        changed = force or versions != self._sources
         if changed:
             _check_data(self._vectors)  # values written in place since they were checked
+            self._sources = versions
         for st in (self._states.values() if changed or only is None else (only,)):
             if changed or st.stale():
                 st.refresh()
-        self._sources = self._versions(self._vectors)
 
     # ------------------------------------------------------------------ preparation
 
@@ -359,6 +372,12 @@ class PatchHandle:
 
     def _install_layers(self) -> None:
         drop = self.info.attn_drop_kwargs
+        for i, st in self._states.items():  # fused across the boundary where it is exact
+            nxt = self._states.get(i + 1)
+            st.next_input = nxt if (nxt is not None and nxt.device == st.device
+                                    and nxt.facts.get("input") is not None
+                                    and self.info.layers[i + 1] is nxt.spec.module) else None
+            st.pre = None
         for i, st in self._states.items():
             spec = st.spec
             self._rebind(spec.module, make_layer_forward(self, spec, drop))

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from m2iv_kernels.prepared import Bank, Entry
+from m2iv_kernels.prepared import NO_ROWS, Bank, Entry
 
 from ..families import LayerSpec
 from ..vectors import M2IV
-from .styles import rms_norm_fact
+from .styles import Inject, rms_norm_fact
 
 __all__ = ["LayerState", "MODES"]
 
@@ -51,6 +51,11 @@ class LayerState:
         self.strength = float(strength)
         self.banks, self._unit = self._banks(self.strength, self.device)
         self._key = self._weight_key()
+        self.inject = Inject(self, NO_ROWS)  # every token, no bank: one object for every call
+        # the next patched layer whose input RMSNorm this layer's output add computes (set by
+        # the patch), and what it handed over: (output, its norm, the output's version)
+        self.next_input: LayerState | None = None
+        self.pre: tuple | None = None
 
     # ------------------------------------------------------------------ inference
 
