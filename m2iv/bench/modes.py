@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from m2iv_kernels.prepared import COMPILED_ENV
-
 __all__ = ["twin", "MODES", "steered_twins"]
 
 #: unsteered; the fused patcher (m2iv.patch_model); the same steering through plain forward
@@ -50,7 +48,11 @@ def steered_twins(model: torch.nn.Module, vectors, *, backend: str = "auto",
             models[mode] = model
         elif mode.startswith("fused"):
             models[mode] = twin(model)
-            with _env(COMPILED_ENV, "kernels" if mode == "fused_kernels" else None):
+            ctx = contextlib.nullcontext()
+            if mode == "fused_kernels":
+                from m2iv_kernels.prepared import COMPILED_ENV
+                ctx = _env(COMPILED_ENV, "kernels")
+            with ctx:
                 undo.append(m2iv.patch_model(models[mode], vectors, backend=backend,
                                              **patch_kwargs).remove)
         else:
@@ -66,16 +68,14 @@ def steered_twins(model: torch.nn.Module, vectors, *, backend: str = "auto",
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """``os.environ[name]`` set (or, for None, left as it is) meanwhile."""
+def _env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` meanwhile."""
     old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+    os.environ[name] = value
     try:
         yield
     finally:
-        if value is not None:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
