@@ -188,16 +188,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "fused/unsteered_iqr", "fused_note", "hooks/unsteered",
                             "hooks/unsteered_iqr", "hooks_note"])
     device = torch.device("cpu")
-    meta = {**machine_info(device), "clock": "thread_time", "backend": _backend(device)}
+    meta = {**machine_info(device), "clock": "thread_time",
+            "backend": mk.resolve_backend("auto", device)}
     js, cs = write_results("host-cpu", rows, meta, args.out or results_dir("host"))
     print(f"\nwrote {js} and {cs}")
     return rows
-
-
-def _backend(device: torch.device) -> str:
-    from m2iv_kernels.backends import resolve
-
-    return resolve("auto", device)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,10 @@ import torch
 import m2iv_kernels as mk
 
 from m2iv.bench.common import (device_tag, flag_noise, interleaved, machine_info, print_table,
-                               ratio_stats, results_dir, time_once, write_results)
+                               ratio_stats, results_dir, spec_peak_bytes_per_s, time_once,
+                               write_results)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Spec-sheet HBM bandwidth (bytes/s) by device-name fragment, for "% of peak".
-PEAK_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
-            "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12,
-            "RTX 4090": 1.008e12}
 PARTS = ("ops", "registry", "traffic")
 INTERPRETER_MAX_ROWS = 64  # the interpreter costs ~ per element; keep its rows small
 
@@ -84,13 +81,6 @@ def _cases(rows: int, d: int, heads: int, dtype: torch.dtype, device: torch.devi
     ]
 
 
-def _peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in PEAK_HBM.items() if key in name), None)
-
-
 def run_ops(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype],
             budget_s: float, clock: str = "wall") -> list[dict]:
     """Per op x shape x dtype, the fused op on every available backend, the unfused sequence
@@ -98,7 +88,7 @@ def run_ops(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: li
     calls), so ratios are per repetition (median and IQR)."""
     avail = mk.available_backends(device)
     backends = [b for b, ok in avail.items() if ok is True]
-    peak = _peak(device)
+    peak = spec_peak_bytes_per_s(device)
     rows_out = []
     for rows, d, heads in shapes:
         for dtype in dtypes:

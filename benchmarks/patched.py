@@ -37,7 +37,7 @@ from m2iv.bench.modes import MODES
 from m2iv.bench.common import (device_tag, machine_info, print_table, results_dir,
                                write_results)
 from m2iv.bench.presets import PRESETS, apply_overrides, build_model, make_inputs
-from m2iv_kernels.backends import resolve
+from m2iv_kernels import resolve_backend
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         steps=args.steps, reps=args.reps, device=device, clock=clock,
                         modes=tuple(args.modes), positions=args.positions,
                         progress=lambda label: print(f"{label} ...", flush=True))
-    backend = resolve("auto", device)
+    backend = resolve_backend("auto", device)
     for row in rows:
         row.update(preset=preset.name, device=device_tag(device), dtype=preset.dtype,
                    backend=backend, positions=args.positions,

@@ -40,7 +40,8 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["Backend", "BACKENDS", "available_backends", "resolve", "launchers"]
+__all__ = ["Backend", "BACKENDS", "available_backends", "resolve_backend", "resolve",
+           "launchers"]
 
 ENV_VAR = "M2IV_BACKEND"
 ANY = "*"  # a device-type key matching every device
@@ -126,6 +127,18 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, bo
     """
     dev = torch.device(device) if device is not None else default_device()
     return {b.name: unavailable(b.name, dev) or True for b in BACKENDS}
+
+
+def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
+    """The backend (``"triton"``, ``"ext"``, ``"torch"``, ...) that the ops run for ``backend``
+    on ``device`` (default: as :func:`available_backends`); ``auto`` honours ``M2IV_BACKEND``.
+
+    What a benchmark reports, and what to call once before a CUDA-graph capture or a
+    ``torch.compile`` of a steered model: ``auto`` is measured on the first plain call and
+    fixed from then on (a measurement that cannot be made yet is not cached). Raises for an
+    unknown or unavailable backend, with the reason.
+    """
+    return resolve(backend, torch.device(device) if device is not None else default_device())
 
 
 def _auto(device: torch.device) -> tuple[str, bool]:

@@ -209,6 +209,21 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+#: spec-sheet HBM bandwidth (bytes/s) by device-name fragment, first match wins: "% of peak"
+PEAK_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
+            "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12,
+            "RTX 4090": 1.008e12}
+
+
+def spec_peak_bytes_per_s(device: torch.device) -> float | None:
+    """The spec-sheet HBM bandwidth of a CUDA ``device`` (:data:`PEAK_HBM`), or None (a CPU,
+    or a GPU the table does not know)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_HBM.items() if key in name), None)
+
+
 def machine_info(device: torch.device) -> dict:
     """Where and with what a result was measured."""
     info = {"device": device_name(device), "platform": platform.platform(),

@@ -47,6 +47,16 @@ def test_env_var_overrides_auto(monkeypatch):
         backends.resolve("auto", torch.device("cpu"))
 
 
+def test_public_resolve_backend_names_what_the_ops_run(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert mk.resolve_backend("auto", "cpu") == backends.resolve("auto", torch.device("cpu"))
+    assert mk.resolve_backend("torch", "cpu") == "torch"
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    assert mk.resolve_backend(device="cpu") == "triton"
+    with pytest.raises(ValueError, match="unknown backend='tpu'"):
+        mk.resolve_backend("tpu", "cpu")
+
+
 def test_unknown_and_unavailable_backends():
     x, v, g = torch.randn(2, 8), torch.randn(2, 4), torch.randn(2)
     with pytest.raises(ValueError, match="unknown backend='cuda'.*'triton'"):
