@@ -5,6 +5,8 @@
 * :mod:`~m2iv.testing.reference`: THE independent hook reference (DESIGN.md section 1 with
   plain forward hooks), which the fused patcher must match.
 * :mod:`~m2iv.testing.processors`: offline processors for those models.
+* :mod:`~m2iv.testing.checkpoints`: tiny causal LMs saved to disk with a word-level
+  tokenizer, for engines that load from a directory (vLLM).
 
 Numerical assertion helpers live in the test suite (``tests/helpers.py``).
 """

@@ -72,7 +72,7 @@ def _model_and_bank(args, workdir: Path) -> tuple[str, str, int]:
 
     import m2iv
 
-    from .tiny import save_tiny_model
+    from ..testing.checkpoints import save_tiny_model
 
     model = args.vllm_model
     if model is None:

@@ -30,6 +30,7 @@ import torch
 import m2iv_kernels as mk
 
 from ..errors import UnsupportedModelError, VectorsMismatchError
+from ..families.fit import ModelSpec, incompatibility
 from ..vectors import M2IV
 
 __all__ = ["SteeringBank", "ModelLayout", "find_layout", "SUPPORTED_ARCHITECTURES"]
@@ -112,20 +113,15 @@ def find_layout(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1) -> M
 
 
 def _check_fits(name: str, v: M2IV, lay: ModelLayout) -> None:
+    """The one fit rule (:func:`m2iv.families.fit.incompatibility`) against the served model."""
     if v.is_bank:
         raise VectorsMismatchError(f"m2iv vectors {name!r} is a bank; serve its rows by name")
-    shapes = (v.num_heads, v.head_dim, v.hidden_size)
-    want = (lay.num_heads, lay.head_dim, lay.hidden_size)
-    if shapes != want:
-        raise VectorsMismatchError(
-            f"m2iv vectors {name!r} have (heads, head_dim, hidden) = {shapes} but the served "
-            f"model has {want}")
-    bad = [i for i in v.layers if i >= lay.num_layers]
-    nl = v.meta.get("num_layers")
-    if bad or (nl is not None and nl != lay.num_layers):
-        raise VectorsMismatchError(
-            f"m2iv vectors {name!r} cover layers {list(v.layers)} (made for {nl} layers) but the "
-            f"served model has {lay.num_layers} decoder layers")
+    served = ModelSpec(hidden_size=lay.hidden_size, num_heads=lay.num_heads,
+                       head_dim=lay.head_dim, num_layers=lay.num_layers)
+    why = incompatibility(ModelSpec.from_vectors(v), served,
+                          names=(f"m2iv vectors {name!r}", "the served model"))
+    if why:
+        raise VectorsMismatchError(why)
 
 
 class SteeringBank(torch.nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -48,8 +49,11 @@ def test_make_targets_run_the_script():
     """``make gpu-check`` uses the machine's python3 (its CUDA torch), ``DRY_RUN=1`` the
     CPU environment of ``make setup``."""
     def dry(*args):
-        out = subprocess.run(["make", "-n", "gpu-check", *args], capture_output=True,
-                             text=True, cwd=gc.ROOT, check=True).stdout
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # as if run outside make
+        out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", *args],
+                             capture_output=True, text=True, cwd=gc.ROOT, check=True,
+                             env=env).stdout
         return " ".join(out.replace("\\\n", " ").split())
 
     assert dry("DRY_RUN=1").endswith(".venv/bin/python -m benchmarks.gpu_check --dry-run")

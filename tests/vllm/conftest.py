@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import m2iv  # noqa: E402
-from m2iv.vllm.tiny import save_tiny_model  # noqa: E402
+from m2iv.testing.checkpoints import save_tiny_model  # noqa: E402
 
 # every engine: the CPU settings that fit this machine, prefix caching on, and a small token
 # budget per step so long prompts are prefilled in chunks beside other requests' decode steps

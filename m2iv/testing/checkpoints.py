@@ -1,5 +1,6 @@
-"""Small random-weight Llama / Qwen2 / Qwen3 / Mistral checkpoints, saved as vLLM loads them (config, weights and a
-word-level tokenizer), for the serving tests and ``m2iv bench --engine vllm``.
+"""Small random-weight Llama / Qwen2 / Qwen3 / Mistral checkpoints saved to a directory (config,
+weights and a word-level tokenizer) for engines that load from one (vLLM): the serving tests
+and ``m2iv bench --engine vllm``.
 
 No weights can be downloaded in CI; latency and steering semantics do not depend on weight
 values. Sizes default to what vLLM's CPU attention accepts (head_dim 64).
