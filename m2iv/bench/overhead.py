@@ -70,6 +70,7 @@ def lockstep_decode(models: dict[str, torch.nn.Module], inputs: dict, steps: int
     """
     import threading
 
+    import torch._dynamo
     from transformers import StoppingCriteriaList
 
     names = list(models)
@@ -114,7 +115,7 @@ def lockstep_decode(models: dict[str, torch.nn.Module], inputs: dict, steps: int
         try:
             with cond:
                 wait_turn(k)
-            with torch.no_grad():
+            with torch.no_grad(), torch._dynamo.config.patch(limits):
                 models[names[k]].generate(
                     **inputs, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                     do_sample=False, stopping_criteria=StoppingCriteriaList([Baton(k)]),
@@ -125,6 +126,8 @@ def lockstep_decode(models: dict[str, torch.nn.Module], inputs: dict, steps: int
                 state["done"].add(names[k])
                 pass_baton(k)
 
+    # Dynamo's config is per thread: the workers get the caller's recompile limits (_compile)
+    limits = {k: getattr(torch._dynamo.config, k) for k in _LIMITS}
     threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(names))]
     with no_gc():
         for th in threads:
@@ -143,15 +146,17 @@ def prefill_call(model, inputs: dict) -> Callable[[], object]:
     return call
 
 
+_LIMITS = ("cache_size_limit", "accumulated_cache_size_limit")  # Dynamo's recompile limits
+
+
 def _compile(models: dict[str, torch.nn.Module]) -> Callable[[], None]:
     """``torch.compile(forward, fullgraph=True)`` on every model (a patched twin's forward is
     the patch's: the steering is traced with the model); returns the undo."""
     import torch._dynamo
 
-    # three twins x batch sizes x (prefill, decode) graphs of one code object
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    torch._dynamo.config.accumulated_cache_size_limit = max(
-        torch._dynamo.config.accumulated_cache_size_limit, 512)
+    # twins x batch sizes x (prefill, decode) graphs of one code object
+    for name, least in zip(_LIMITS, (64, 512)):
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), least))
     saved = [(m, m.__dict__.get("forward")) for m in models.values()]
     for m in models.values():
         m.forward = torch.compile(m.forward, fullgraph=True)

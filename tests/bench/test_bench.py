@@ -39,6 +39,32 @@ def test_interleaved_rotates_modes_and_ratios_are_per_repetition():
     assert timed["x"] == [0.25, 0.25]
 
 
+def test_lockstep_decode_alternates_tokens_and_keeps_the_recompile_limits(monkeypatch):
+    """The modes take turns token by token, and each generate() thread sees the caller's
+    Dynamo recompile limits (Dynamo's config is per thread)."""
+    import torch._dynamo
+
+    from m2iv.bench.overhead import lockstep_decode
+
+    order, seen = [], {}
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def generate(self, input_ids, max_new_tokens, stopping_criteria, **kwargs):
+            seen[self.name] = torch._dynamo.config.cache_size_limit
+            for _ in range(max_new_tokens):
+                order.append(self.name)
+                stopping_criteria[0](input_ids, None)
+
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 77)
+    spent = lockstep_decode({"a": Fake("a"), "b": Fake("b")}, {"input_ids": torch.ones(1, 2)},
+                            steps=2, device=torch.device("cpu"))
+    assert order == list("ababab") and set(spent) == {"a", "b"}
+    assert seen == {"a": 77, "b": 77}
+
+
 def test_runs_never_write_into_committed_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = common.results_dir("x")
