@@ -78,8 +78,7 @@ def test_compiled_steered_generate_follows_changes_without_recompiling(family):
     ids = text_inputs(2, 7)
     v1, v2 = M2IV.random_like(model, seed=1), M2IV.random_like(model, seed=2)
     unsteered = _generate(model, ids)
-    handle = m2iv.patch_model(model, v1)
-    try:
+    with m2iv.steer(model, v1) as handle:
         eager = {"v1": _generate(model, ids)}
         handle.set_strength(2.5)
         eager["v1 x2.5"] = _generate(model, ids)
@@ -99,16 +98,13 @@ def test_compiled_steered_generate_follows_changes_without_recompiling(family):
                 _same(_generate(model, ids), eager["v2"])
                 handle.set_strength(0.0)  # compiled: the fused ops add zeros
                 _same(_generate(model, ids), unsteered)
-    finally:
-        handle.remove()
 
 
 def test_compiled_bank_selection_without_recompiling():
     model = _model("llava")
     ids = text_inputs(2, 7)
     bank = M2IV.stack([M2IV.random_like(model, seed=s) for s in (1, 2, 3)])
-    handle = m2iv.patch_model(model, bank, index=torch.tensor([0, 2]))
-    try:
+    with m2iv.steer(model, bank, index=torch.tensor([0, 2])) as handle:
         eager = {}
         for sel in ([0, 2], [1, 1], 2):
             handle.select(torch.tensor(sel) if isinstance(sel, list) else sel)
@@ -122,8 +118,6 @@ def test_compiled_bank_selection_without_recompiling():
                 _same(_generate(model, ids), eager["[1, 1]"])
                 handle.select(2)
                 _same(_generate(model, ids), eager["2"])
-    finally:
-        handle.remove()
 
 
 def test_compiled_positions_text_skips_image_tokens():
@@ -131,14 +125,11 @@ def test_compiled_positions_text_skips_image_tokens():
     ids = text_inputs(2, 9)
     ids[:, 1:4] = model.config.image_token_id  # as if an image sat there (no pixels needed:
     # the mask decides which tokens are steered, the embeddings are the token ids')
-    handle = m2iv.patch_model(model, M2IV.random_like(model, seed=1), positions="text")
-    try:
+    with m2iv.steer(model, M2IV.random_like(model, seed=1), positions="text"):
         with torch.no_grad():
             eager = model(input_ids=ids).logits
         with _compiled(model, backend="aot_eager"), torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).logits, eager, rtol=0, atol=1e-4)
-    finally:
-        handle.remove()
 
 
 def test_compiled_kernels_as_opaque_ops(monkeypatch):
@@ -147,21 +138,17 @@ def test_compiled_kernels_as_opaque_ops(monkeypatch):
     monkeypatch.setenv("M2IV_COMPILED_OPS", "kernels")
     model = _model("llava")
     ids = text_inputs(2, 7)
-    handle = m2iv.patch_model(model, M2IV.random_like(model, seed=1))
-    try:
+    with m2iv.steer(model, M2IV.random_like(model, seed=1)):
         eager = _generate(model, ids)
         with _compiled(model, backend="aot_eager"):
             _same(_generate(model, ids), eager)
-    finally:
-        handle.remove()
 
 
 def test_inductor_compiled_steered_generate():
     model = _model("llava")
     ids = text_inputs(1, 6)
     v = M2IV.random_like(model, seed=1)
-    handle = m2iv.patch_model(model, v)
-    try:
+    with m2iv.steer(model, v) as handle:
         eager = _generate(model, ids)
         handle.set_strength(2.0)
         eager2 = _generate(model, ids)
@@ -171,8 +158,6 @@ def test_inductor_compiled_steered_generate():
             with _no_recompiles():
                 handle.set_strength(2.0)
                 _same(_generate(model, ids), eager2)
-    finally:
-        handle.remove()
 
 
 @pytest.mark.gpu
@@ -184,8 +169,7 @@ def test_cuda_graphs_reduce_overhead(family):
     model = _model(family, "cuda")
     ids = text_inputs(2, 7).cuda()
     v1, v2 = M2IV.random_like(model, seed=1), M2IV.random_like(model, seed=2)
-    handle = m2iv.patch_model(model, v1)
-    try:
+    with m2iv.steer(model, v1) as handle:
         eager = _generate(model, ids)
         handle.set_vectors(v2)
         eager2 = _generate(model, ids)
@@ -196,5 +180,3 @@ def test_cuda_graphs_reduce_overhead(family):
             with _no_recompiles():
                 handle.set_vectors(v2)
                 _same(_generate(model, ids), eager2, atol=1e-3)
-    finally:
-        handle.remove()
