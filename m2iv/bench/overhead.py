@@ -146,7 +146,7 @@ def prefill_call(model, inputs: dict) -> Callable[[], object]:
     return call
 
 
-_LIMITS = ("cache_size_limit", "accumulated_cache_size_limit")  # Dynamo's recompile limits
+_LIMITS = ("recompile_limit", "accumulated_recompile_limit")  # Dynamo's (torch >= 2.6)
 
 
 def _compile(models: dict[str, torch.nn.Module]) -> Callable[[], None]:

@@ -39,7 +39,7 @@ def test_interleaved_rotates_modes_and_ratios_are_per_repetition():
     assert timed["x"] == [0.25, 0.25]
 
 
-def test_lockstep_decode_alternates_tokens_and_keeps_the_recompile_limits(monkeypatch):
+def test_lockstep_decode_alternates_tokens_and_keeps_the_recompile_limits():
     """The modes take turns token by token, and each generate() thread sees the caller's
     Dynamo recompile limits (Dynamo's config is per thread)."""
     import torch._dynamo
@@ -53,14 +53,16 @@ def test_lockstep_decode_alternates_tokens_and_keeps_the_recompile_limits(monkey
             self.name = name
 
         def generate(self, input_ids, max_new_tokens, stopping_criteria, **kwargs):
-            seen[self.name] = torch._dynamo.config.cache_size_limit
+            seen[self.name] = torch._dynamo.config.recompile_limit
             for _ in range(max_new_tokens):
                 order.append(self.name)
                 stopping_criteria[0](input_ids, None)
 
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 77)
-    spent = lockstep_decode({"a": Fake("a"), "b": Fake("b")}, {"input_ids": torch.ones(1, 2)},
-                            steps=2, device=torch.device("cpu"))
+    # config.patch, not monkeypatch: its undo would delattr (hide) the config entry
+    with torch._dynamo.config.patch(recompile_limit=77):
+        spent = lockstep_decode({"a": Fake("a"), "b": Fake("b")},
+                                {"input_ids": torch.ones(1, 2)}, steps=2,
+                                device=torch.device("cpu"))
     assert order == list("ababab") and set(spent) == {"a", "b"}
     assert seen == {"a": 77, "b": 77}
 
