@@ -26,7 +26,9 @@ a caller uses the public ops, which record the backward.
 Under ``torch.compile`` the calls reach the graph as the reference's aten ops
 (:mod:`.reference`, the executable spec), which Inductor fuses with the neighbouring residual
 add and norm, or, with ``M2IV_COMPILED_OPS=kernels``, as the opaque registered ops
-(``torch.ops.m2iv_kernels.*``); DESIGN.md section 3 gives the measurement behind the default.
+(``torch.ops.m2iv_kernels.*``). The default is the faster one on the CPU: opaque / aten 1.08
+and 1.05 at compiled decode batch 1 / 8 (README, "Aten ops or opaque kernels under
+torch.compile"; ``benchmarks/results/patched-cpu-tiny-2026-12-03-compiled-ops.json``).
 """
 from __future__ import annotations
 
