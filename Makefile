@@ -31,10 +31,10 @@ demo: setup
 # distil an M2IV on the built-in digits task, then compare it with k-shot ICL
 demo-train: setup
 	$(BIN)/m2iv data make-digits runs/digits
-	$(BIN)/m2iv train --data runs/digits --shots 16 --steps 300 --lr 0.1 \
-		--cache-dir runs/digits/cache --out runs/digits.safetensors
+	$(BIN)/m2iv train --data runs/digits --cache-dir runs/digits/cache --out runs/digits.safetensors
 	$(BIN)/m2iv eval --data runs/digits --vectors m2iv=runs/digits.safetensors \
-		--baselines mean-activation --shots 0,1,2,4,8,16 --kl-shots 16 --out runs/digits-eval.json
+		--baselines mean-activation --shots 0,1,2,4,8,16 --kl-shots 16 \
+		--cache-dir runs/digits/cache --out runs/digits-eval.json
 
 test: setup
 	$(BIN)/python -m pytest -q

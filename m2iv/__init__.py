@@ -9,8 +9,7 @@
 The public names below are imported on first use, so ``import m2iv`` (and the ``m2iv --help``
 command) does not import torch.
 """
-import importlib
-
+from ._lazy import lazy_attributes
 from ._version import __version__
 from .errors import (IncompatibleVectorsError, M2IVError, M2IVWarning, MissingDependencyError,
                      UnsupportedModelError, VectorsFormatError, VectorsMismatchError)
@@ -24,13 +23,4 @@ __all__ = ["M2IV", "patch_model", "unpatch_model", "steer", "PatchHandle", "VLib
            "UnsupportedModelError", "MissingDependencyError", "M2IVWarning", "__version__"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'm2iv' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -26,9 +26,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
     """Yield a temporary path beside ``path`` to write; on success it is fsynced and renamed
-    over ``path`` (and the directory fsynced); on any exception it is removed."""
+    over ``path`` (and the directory fsynced); on any exception it is removed.
+
+    ``durable=False`` skips the fsyncs: still never a half-written file under ``path`` while
+    the system runs, but a power loss may lose it (for caches that can recompute an entry)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -38,17 +41,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (``durable``: see :func:`atomic_path`)."""
+    with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
         f.write(data)

@@ -31,8 +31,8 @@ split or a duplicate id raises :class:`DataError` naming the file, line and id o
 (up to 20 listed). Nothing is skipped silently.
 
 Python API: :meth:`TaskData.from_items` accepts any iterable of dicts or :class:`Item` with
-PIL images or paths. :func:`make_digits` writes the built-in example task (scikit-learn's 8x8
-digits, answers given by a label permutation that only the demonstrations reveal).
+PIL images or paths. The built-in example task (scikit-learn's 8x8 digits) is written by
+:func:`m2iv.testbed.digits_task.make_digits`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from typing import Any
 
 from .errors import M2IVError
 
-__all__ = ["DataError", "Item", "TaskData", "SPLITS", "load_task", "make_digits", "DATA_FILE"]
+__all__ = ["DataError", "Item", "TaskData", "SPLITS", "load_task", "DATA_FILE"]
 
 SPLITS = ("pool", "train", "eval")
 DATA_FILE = "data.jsonl"
@@ -461,76 +461,6 @@ def load_task(data, name: str | None = None, check_images: bool = True) -> TaskD
     if isinstance(data, (str, os.PathLike)):
         return TaskData.from_dir(data, name=name, check_images=check_images)
     return TaskData.from_items(data, name=name or "task", check_images=check_images)
-
-
-# ---------------------------------------------------------------------- the built-in task
-DIGITS_PIXEL_SCALE = 255.0 / 16.0  # scikit-learn digit pixels are 0..16
-
-
-def digits_to_pil(raw):
-    """An 8x8 scikit-learn digit (0..16 floats) as an 8x8 greyscale PIL image."""
-    import numpy as np
-    from PIL import Image
-
-    arr = np.clip(np.rint(np.asarray(raw, dtype=np.float64) * DIGITS_PIXEL_SCALE), 0, 255)
-    return Image.fromarray(arr.astype(np.uint8), mode="L")
-
-
-def make_digits(directory: str | os.PathLike, label_map: str | Sequence[int] = "heldout0",
-                pool_size: int | None = None, train_size: int | None = None,
-                eval_size: int | None = None, seed: int = 0) -> TaskData:
-    """Write the built-in example task to ``directory`` and return it.
-
-    The images are scikit-learn's bundled 8x8 digits (nothing is downloaded). The answer to an
-    image of digit ``d`` is ``str(label_map[d])``; the default ``"heldout0"`` is a permutation
-    that the testbed model (:mod:`m2iv.testbed`) never saw in pre-training, so the answer is only
-    knowable from the demonstrations: zero-shot accuracy is chance and k-shot ICL is high, which
-    is what an M2IV must distil. Questions are empty (the task is defined by its examples).
-
-    Splits follow the testbed's fixed held-out splits: ``pool`` = its ``demo`` images, ``train``
-    = its ``train`` images, ``eval`` = its ``test`` images; ``*_size`` takes a seeded subset.
-    """
-    import numpy as np
-
-    from .testbed.data import family_maps, get_data, heldout_maps
-
-    directory = os.fspath(directory)
-    data = get_data()
-    if isinstance(label_map, str):
-        maps = dict(family_maps())
-        maps.update({f"heldout{i}": m for i, m in enumerate(heldout_maps())})
-        if label_map not in maps:
-            raise ValueError(f"unknown label map {label_map!r}; choose from {sorted(maps)}")
-        lm, map_name = [int(x) for x in maps[label_map].tolist()], label_map
-    else:
-        lm = [int(x) for x in label_map]
-        if len(lm) != 10:
-            raise ValueError("label_map must give one label for each of the 10 digits")
-        map_name = "custom"
-    rng = np.random.RandomState(seed)
-    sizes = {"pool": pool_size, "train": train_size, "eval": eval_size}
-    src = {"pool": "demo", "train": "train", "eval": "test"}
-    os.makedirs(os.path.join(directory, "images"), exist_ok=True)
-    items = []
-    for split in SPLITS:
-        ix = data.split_indices[src[split]].numpy()
-        if sizes[split] is not None:
-            if sizes[split] > len(ix):
-                raise ValueError(f"{split}_size {sizes[split]} > {len(ix)} available images")
-            ix = np.sort(rng.permutation(ix)[: sizes[split]])
-        for i in ix.tolist():
-            rel = f"images/{i:04d}.png"
-            digits_to_pil(data.raw[i]).save(os.path.join(directory, rel), format="PNG")
-            items.append({"id": f"digit{i:04d}", "image": rel, "question": "",
-                          "answer": str(lm[int(data.digits[i])]), "split": split,
-                          "digit": int(data.digits[i])})
-    with open(os.path.join(directory, DATA_FILE), "w", encoding="utf-8") as f:
-        for rec in items:
-            f.write(json.dumps(rec) + "\n")
-    with open(os.path.join(directory, "task.json"), "w", encoding="utf-8") as f:
-        json.dump({"name": f"digits-{map_name}", "label_map": lm, "source":
-                   "sklearn.datasets.load_digits", "model": "testbed"}, f, indent=1)
-    return TaskData.from_dir(directory, name=f"digits-{map_name}")
 
 
 def task_info(directory: str | os.PathLike) -> dict:

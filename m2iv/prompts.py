@@ -20,9 +20,8 @@ padded batch of model inputs (:class:`EncodedBatch`). Two kinds:
 
     where ``<image>`` is the family's placeholder (:func:`image_placeholder`).
 
-* :class:`TestbedPromptBuilder` for the digits testbed (:mod:`m2iv.testbed`), whose 16-token
-  vocabulary has no text: ``BOS``, then per demonstration the image tokens and the label token,
-  then the query's image tokens.
+* the digits testbed's builder (:class:`m2iv.testbed.prompts.TestbedPromptBuilder`), whose
+  16-token vocabulary has no text.
 
 Teacher forcing: ``encode(..., with_answer=True)`` appends the answer tokens to every prompt
 (right padding); ``answer_positions[b, j]`` is the position whose next-token logits predict
@@ -40,11 +39,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .data import DataError, Item
+from .data import Item
 from .families import family_of
 
-__all__ = ["EncodedBatch", "PromptBuilder", "HFPromptBuilder", "TestbedPromptBuilder",
-           "make_prompt_builder", "image_placeholder"]
+__all__ = ["EncodedBatch", "PromptBuilder", "HFPromptBuilder", "make_prompt_builder",
+           "image_placeholder"]
 
 # per-token model inputs that must be extended when answer tokens are appended:
 # name -> value for appended tokens ("last" = copy the last real token's value) and for padding
@@ -396,83 +395,13 @@ def _repad(v: torch.Tensor, lengths, answers, T: int, side: str, ext, pad) -> to
     return out
 
 
-# ---------------------------------------------------------------------------- testbed
-class TestbedPromptBuilder(PromptBuilder):
-    """Prompts for the digits testbed model (:mod:`m2iv.testbed`).
-
-    Images: any PIL image, converted to greyscale, resized to 8x8, pixel values mapped to the
-    digits' 0..16 range (``x * 16 / 255``) and standardised like the testbed's own images.
-    Answers must be the label ``"0"`` .. ``"9"``; questions must be empty (the vocabulary has no
-    text).
-    """
-
-    __test__ = False
-
-    def __init__(self, model_or_config):
-        from .testbed.data import get_data
-        from .testbed.model import BOS_ID, IMAGE_ID, LABEL_OFFSET, PAD_ID
-
-        cfg = getattr(model_or_config, "testbed_config", model_or_config)
-        self.tokens_per_image = cfg.tokens_per_image
-        self.image_size = cfg.image_size
-        self.variant = cfg.variant
-        self._data = get_data()
-        self.BOS, self.IMAGE, self.OFF = BOS_ID, IMAGE_ID, LABEL_OFFSET
-        self.pad_token_id = PAD_ID
-        self.stop_token_ids = ()
-        self.stop_strings = ()
-
-    def _label(self, it: Item) -> int:
-        a = it.answer.strip()
-        if a not in {str(i) for i in range(10)}:
-            raise DataError(f"{it.where()}: the testbed model's answers are the labels 0..9; "
-                            f"got {it.answer!r}")
-        return self.OFF + int(a)
-
-    def _pixels(self, it: Item) -> torch.Tensor:
-        import numpy as np
-
-        im = it.load_image().convert("L")
-        if im.size != (self.image_size, self.image_size):
-            im = im.resize((self.image_size, self.image_size))
-        raw = np.asarray(im, dtype=np.float32) * (16.0 / 255.0)
-        return self._data.standardise(raw)  # [1, 8, 8]
-
-    def _encode(self, queries, demos, with_answer):
-        P = self.tokens_per_image
-        rows, answers, pix = [], [], []
-        for q, d in zip(queries, demos):
-            if q.question.strip():
-                raise DataError(f"{q.where()}: the testbed model takes no question text; "
-                                f"got {q.question!r}")
-            ids = [self.BOS]
-            for it in d:
-                ids += [self.IMAGE] * P + [self._label(it)]
-                pix.append(self._pixels(it))
-            ids += [self.IMAGE] * P
-            pix.append(self._pixels(q))
-            rows.append(ids)
-            answers.append([self._label(q)])
-        extra = {"pixel_values": torch.stack(pix)}
-        return _finish(rows, extra, answers if with_answer else None,
-                       [q.answer for q in queries], [q.id for q in queries], self.pad_token_id,
-                       "right" if with_answer else "left")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return "".join(str(i - self.OFF) for i in ids if self.OFF <= i < self.OFF + 10)
-
-    def fingerprint(self) -> str:
-        return f"testbed-{self.variant}-p{self.tokens_per_image}"
-
-    def generate_kwargs(self) -> dict:
-        return {"pad_token_id": self.pad_token_id, "max_new_tokens": 1}
-
-
 def make_prompt_builder(model, processor=None, template: str = "auto",
                         instruction: str | None = None) -> PromptBuilder:
     """The prompt builder for ``model``: the testbed's for the digits testbed, else an
     :class:`HFPromptBuilder` over ``processor`` (required)."""
     if hasattr(model, "testbed_config"):
+        from .testbed.prompts import TestbedPromptBuilder
+
         return TestbedPromptBuilder(model)
     if processor is None:
         raise ValueError("a processor is needed to build prompts for this model (load it with "

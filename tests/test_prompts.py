@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from m2iv.data import DataError, Item
-from m2iv.prompts import HFPromptBuilder, TestbedPromptBuilder, make_prompt_builder
+from m2iv.prompts import HFPromptBuilder, make_prompt_builder
+from m2iv.testbed.prompts import TestbedPromptBuilder
 from m2iv.testing import build, build_offline_processor
 
 LVLMS = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",

@@ -192,7 +192,7 @@ def label_positions(n_pairs: int, tokens_per_image: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- training episodes
 @dataclass
 class Curriculum:
-    """The schedule that makes in-context learning emerge (see the issue's measured facts).
+    """The pre-training schedule under which in-context learning emerges in the testbed.
 
     * bursty episodes (only 2-3 classes) from ``bursty_start`` of the episodes at step 0 to
       ``bursty_end`` at ``bursty_steps``;

@@ -33,22 +33,14 @@ from collections.abc import Sequence
 import torch
 
 from ..data import TaskData, load_task
-from ..families import describe
+from ..families import describe, module_device, module_dtype
 from ..prompts import PromptBuilder, make_prompt_builder
 from ..vectors import M2IV
-from .distill import Sampler, TrainConfig, TrainResult, _model_device, _model_dtype, train_m2iv
+from .config import TRAINED_METHODS, TrainConfig, TrainResult
+from .distill import Distiller, train_m2iv
+from .sampling import Sampler
 
-__all__ = ["mean_activation_vectors", "train_method", "METHODS", "TRAINED_METHODS"]
-
-#: TrainConfig overrides of each trained method
-TRAINED_METHODS: dict[str, dict] = {
-    "m2iv": {},
-    "live": {"train_mha": False, "synergy_weight": 0.0, "ce_weight": 0.0},
-    "mha-only": {"train_mlp": False},
-    "mlp-only": {"train_mha": False},
-}
-METHODS = ("mean-activation", *TRAINED_METHODS)
-
+__all__ = ["mean_activation_vectors", "train_method"]
 
 def train_method(method: str, model, data, builder: PromptBuilder | None = None,
                  config: TrainConfig | None = None, **kwargs) -> TrainResult:
@@ -57,11 +49,10 @@ def train_method(method: str, model, data, builder: PromptBuilder | None = None,
         raise ValueError(f"unknown trained method {method!r}; choose from "
                          f"{', '.join(TRAINED_METHODS)} (mean-activation is training-free: "
                          "mean_activation_vectors)")
-    overrides = {k: v for k, v in kwargs.items() if k not in ("processor", "init", "resume",
-                                                                 "dist")}
+    keys = ("processor", "init", "resume", "dist", "cache")
+    passthrough = {k: v for k, v in kwargs.items() if k in keys}
+    overrides = {k: v for k, v in kwargs.items() if k not in keys}
     overrides.update(TRAINED_METHODS[method], method=method)
-    passthrough = {k: v for k, v in kwargs.items() if k in ("processor", "init", "resume",
-                                                            "dist")}
     return train_m2iv(model, data, builder, config, **passthrough, **overrides)
 
 
@@ -102,7 +93,7 @@ class _Collector:
 def _mean_at_query(model, builder, info, layers, queries, demos, batch_size):
     """Per-layer mean of o_proj inputs ``[L, H*Dh]`` and MLP outputs ``[L, D]`` at the last
     prompt token."""
-    dev, dt = _model_device(model), _model_dtype(model)
+    dev, dt = module_device(model), module_dtype(model)
     sum_h = sum_m = None
     n = 0
     with _Collector(info, layers) as col:
@@ -129,8 +120,8 @@ def mean_activation_vectors(model, data, builder: PromptBuilder | None = None, *
                             n_prompts: int = 64, layers: Sequence[int] | None = None,
                             branches: str = "both", seed: int = 0, batch_size: int = 8,
                             tune: bool = True, grid: Sequence[float] = STRENGTH_GRID,
-                            tune_queries: int = 32, positions: str = "all",
-                            backend: str = "auto") -> M2IV:
+                            tune_queries: int = 32, teacher_sets: int | None = None,
+                            positions: str = "all", backend: str = "auto") -> M2IV:
     """Training-free mean-activation vectors (see the module docstring).
 
     ``n_prompts`` training queries, each with ``shots`` demonstrations sampled from the same
@@ -138,10 +129,11 @@ def mean_activation_vectors(model, data, builder: PromptBuilder | None = None, *
     while this runs (the means are of the unsteered model).
 
     ``tune``: added at every layer and position, the raw mean shift usually overshoots, so its
-    overall strength is chosen from ``grid`` by the KL to the ``shots``-shot teacher on
-    ``tune_queries`` *training* queries (never the eval split) and folded into the gates
-    (``meta["training"]["strength"]``). Without it the baseline is often worse than zero-shot,
-    which would flatter any trained method.
+    overall strength is chosen from ``grid`` by the KL to the same teacher a trained M2IV
+    distils (``shots``-shot, averaged over ``teacher_sets`` demonstration sets; default
+    :class:`~m2iv.train.config.TrainConfig`'s) on ``tune_queries`` *training* queries (never
+    the eval split), and folded into the gates (``meta["training"]["strength"]``). Without it
+    the baseline is often worse than zero-shot, which would flatter any trained method.
     """
     if branches not in ("both", "mha", "mlp"):
         raise ValueError(f"branches must be 'both', 'mha' or 'mlp'; got {branches!r}")
@@ -168,16 +160,13 @@ def mean_activation_vectors(model, data, builder: PromptBuilder | None = None, *
     v = M2IV(mha.float(), base.mha_gates, mlp.float(), base.mlp_gates, layers, meta)
     if not tune:
         return v
-    from .distill import Distiller
-
+    sets = {} if teacher_sets is None else {"teacher_sets": teacher_sets}
     d = Distiller(model, data, builder, shots=shots, pool_size=pool_size, seed=seed, steps=0,
-                  eval_queries=0, progress=False, synergy_weight=0.0, positions=positions,
-                  backend=backend, batch_size=batch_size)
+                  eval_every=0, progress=False, synergy_weight=0.0, positions=positions,
+                  backend=backend, batch_size=batch_size, **sets)
     try:
         tq = d.sampler.queries(10**6, tune_queries)  # away from the first training batches
-        td = d.sampler.demos(tq, shots, "mean-activation-tune")
-        kls = {float(s): d.evaluate(v, items=tq, demos=td, strength=float(s))["kl"]
-               for s in grid}
+        kls = {float(s): d.evaluate(v, items=tq, strength=float(s))["kl"] for s in grid}
     finally:
         d.close()
     best = min(kls, key=kls.get)

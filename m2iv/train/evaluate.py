@@ -12,6 +12,7 @@ vector methods, the held-out KL to the k-shot teacher when asked.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -19,13 +20,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import Item, TaskData, load_task
+from ..families import module_device, module_dtype
 from ..patch import patch_model
 from ..prompts import PromptBuilder, make_prompt_builder
 from ..vectors import M2IV
-from .distill import Sampler, _model_device, _model_dtype
+from .sampling import Sampler
 
 __all__ = ["vqa_normalize", "exact_match", "generate_answers", "accuracy", "compare",
-           "format_table"]
+           "format_table", "query_digest"]
 
 # ------------------------------------------------------------------------- normalisation
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -93,7 +95,7 @@ def generate_answers(model, builder: PromptBuilder, queries: Sequence[Item],
                      demos: Sequence[Sequence[Item]] | None = None, *,
                      max_new_tokens: int | None = None, batch_size: int = 8) -> list[str]:
     """Greedy answers of ``model`` (steered if it is patched) to the prompts."""
-    dev, dt = _model_device(model), _model_dtype(model)
+    dev, dt = module_device(model), module_dtype(model)
     out: list[str] = []
     kw = dict(builder.generate_kwargs())
     if max_new_tokens is not None:
@@ -134,13 +136,18 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
             metric: Callable[[str, str], float] = exact_match,
             max_new_tokens: int | None = None, batch_size: int = 8,
             positions: str = "all", backend: str = "auto", strength: float = 1.0,
-            kl_shots: int | None = None, keep_predictions: bool = False) -> dict:
+            kl_shots: int | None = None, balanced: bool = False, cache_dir: str | None = None,
+            keep_predictions: bool = False) -> dict:
     """Accuracy on the ``eval`` split of: ICL for every k in ``ks`` (k = 0 is zero-shot;
-    demonstrations sampled per query from the pool) and zero-shot + each of ``vectors``.
+    demonstrations sampled per query from the pool, class-balanced over the answers with
+    ``balanced``) and zero-shot + each of ``vectors``, all on the same queries
+    (``query_digest`` identifies them: equal digests, identical query lists).
 
     ``kl_shots``: also report each vector method's (and zero-shot's) held-out KL to the
-    ``kl_shots``-shot teacher. Returns ``{"task", "n", "rows": [{"method", "shots",
-    "accuracy", "prompt_tokens", ...}], ...}``.
+    ``kl_shots``-shot teacher (averaged over the default number of demonstration sets; its
+    outputs cached in ``cache_dir`` if given).
+    Returns ``{"task", "n", "query_digest", "rows": [{"method", "shots", "accuracy",
+    "prompt_tokens", ...}], ...}``.
     """
     data: TaskData = load_task(data)
     data.require_splits("pool", "eval")
@@ -152,16 +159,18 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
     preds: dict[str, list[str]] = {}
     t0 = time.time()
     for k in ks:
-        demos = sampler.demos(queries, k, f"eval-icl-{k}") if k > 0 else None
+        demos = (sampler.demos(queries, k, f"eval-icl-{k}", balanced=balanced) if k > 0
+                 else None)
         p = generate_answers(model, builder, queries, demos, max_new_tokens=max_new_tokens,
                              batch_size=batch_size)
-        name = "zero-shot" if k == 0 else f"ICL {k}-shot"
+        name = ("zero-shot" if k == 0
+                else f"ICL {k}-shot" + (" (balanced)" if balanced else ""))
         preds[name] = p
         rows.append({"method": name, "shots": k, "accuracy": accuracy(p, queries, metric),
                      "prompt_tokens": _prompt_tokens(builder, queries, demos)})
     zs_tokens = _prompt_tokens(builder, queries, None)
     for name, v in (vectors or {}).items():
-        with patch_model(model, v.to(_model_device(model)), positions=positions,
+        with patch_model(model, v.to(module_device(model)), positions=positions,
                          backend=backend, strength=strength):
             p = generate_answers(model, builder, queries, None, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size)
@@ -173,8 +182,9 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
         from .distill import Distiller
 
         d = Distiller(model, data, builder, shots=kl_shots, pool_size=pool_size, steps=0,
-                      seed=seed, eval_queries=eval_queries or len(data.eval), progress=False,
-                      synergy_weight=0.0, positions=positions, backend=backend)
+                      seed=seed, eval_queries=eval_queries, eval_every=0, progress=False,
+                      synergy_weight=0.0, positions=positions, backend=backend,
+                      cache_dir=cache_dir)
         try:
             for row in rows:
                 if row["method"] == "zero-shot":
@@ -183,12 +193,22 @@ def compare(model, data, builder: PromptBuilder | None = None, *, processor=None
                     row["kl"] = d.evaluate(vectors[row["method"]], strength=strength)["kl"]
         finally:
             d.close()
-    out = {"task": data.name, "n": len(queries), "metric": getattr(metric, "__name__", "metric"),
+    out = {"task": data.name, "n": len(queries), "query_digest": query_digest(queries),
+           "metric": getattr(metric, "__name__", "metric"),
            "pool_size": len(sampler.pool), "seed": seed, "kl_shots": kl_shots, "rows": rows,
            "seconds": round(time.time() - t0, 2)}
     if keep_predictions:
         out["predictions"] = {n: dict(zip([q.id for q in queries], p)) for n, p in preds.items()}
     return out
+
+
+def query_digest(queries: Sequence[Item]) -> str:
+    """A short digest of a query list (ids and contents, in order): two evaluations scored the
+    same queries iff their digests are equal."""
+    h = hashlib.sha256()
+    for q in queries:
+        h.update(str(q.id).encode() + b"\x00" + q.fingerprint())
+    return h.hexdigest()[:16]
 
 
 def format_table(result: dict) -> str:

@@ -10,12 +10,13 @@ shapes, dtypes and a strided sample of every parameter's values), the prompt bui
 fingerprint (processor class and config, chat template, vocabulary, prompt format) and the
 content digests of the demonstration and query items in order (image bytes, question, answer).
 Those determine the prompt token ids and pixel values exactly, so the key is a hash of
-model + prompt, computable without running the processor. Demonstrations are sampled from
-seeded generators indexed by step, so a rerun asks for exactly the same keys.
+model + prompt, computable without running the processor. Demonstration sets are drawn from
+generators seeded by (seed, query, set index), so a rerun asks for exactly the same keys.
 
-Files: ``<dir>/<key[:2]>/<key>.safetensors`` (written atomically). A corrupt or unreadable file
-is treated as a miss and rewritten. Logits are stored in ``dtype`` (float32 by default;
-bfloat16 halves the size at ~1e-3 relative error).
+Files: ``<dir>/<key[:2]>/<key>.safetensors``, written atomically but not fsynced (an entry lost
+to a power cut is simply recomputed). A corrupt or unreadable file is treated as a miss and
+rewritten. Logits are stored in ``dtype`` (float32 by default; bfloat16 halves the size at
+~1e-3 relative error).
 """
 from __future__ import annotations
 
@@ -81,19 +82,16 @@ def prompt_key(model_fp: str, builder_fp: str, demos: Sequence[Item], query: Ite
 
 
 class TeacherCache:
-    """A key -> teacher-output store, on disk (``directory``) and/or in memory.
-
-    ``memory=True`` also keeps entries in a dict (used for the fixed evaluation set).
-    """
+    """A key -> teacher-output store on disk (``directory``; ``None``: stores nothing, every
+    ``get`` is a miss). Averaged targets are memoised in memory by
+    :class:`~m2iv.train.teacher.Teacher`, so this is read at most once per entry and run."""
 
     def __init__(self, directory: str | os.PathLike | None = None,
-                 dtype: torch.dtype = torch.float32, memory: bool = False):
+                 dtype: torch.dtype = torch.float32):
         self.directory = os.fspath(directory) if directory is not None else None
         if self.directory:
             os.makedirs(self.directory, exist_ok=True)
         self.dtype = dtype
-        self.memory = memory
-        self._mem: dict[str, dict[str, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
         self.writes = 0
@@ -104,8 +102,8 @@ class TeacherCache:
     def get(self, key: str, hidden_layers=None) -> dict[str, torch.Tensor] | None:
         """The entry, or None (a miss) if absent, unreadable, or lacking the decoder-layer
         outputs of ``hidden_layers`` (a sequence of layer indices) when those are asked for."""
-        entry = self._mem.get(key)
-        if entry is None and self.directory:
+        entry = None
+        if self.directory:
             path = self._path(key)
             if os.path.exists(path):
                 try:
@@ -113,8 +111,6 @@ class TeacherCache:
                     entry = load_file(path)
                 except Exception:  # noqa: BLE001 - corrupt: recompute and overwrite
                     entry = None
-                if entry is not None and self.memory:
-                    self._mem[key] = entry
         if entry is not None and hidden_layers is not None and (
                 "hidden" not in entry
                 or not set(hidden_layers) <= set(entry["hidden_layers"].tolist())):
@@ -129,15 +125,13 @@ class TeacherCache:
         """Store ``entry`` (converted to CPU and the cache dtype); returns the stored form."""
         entry = {k: (v.detach().to("cpu", self.dtype) if v.is_floating_point()
                      else v.detach().cpu()).contiguous() for k, v in entry.items()}
-        if self.memory:
-            self._mem[key] = entry
         if self.directory:
             from safetensors.torch import save
 
             path = self._path(key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             data = save(entry, metadata={"m2iv_teacher": json.dumps({"key": key})})
-            atomic_write(path, data)
+            atomic_write(path, data, durable=False)
             self.writes += 1
         return entry
 

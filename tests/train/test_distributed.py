@@ -32,7 +32,7 @@ def _config(**kw):
 def _setup(data_dir):
     from m2iv.prompts import make_prompt_builder
     from m2iv.testing import build_offline_processor
-    from tests.test_train import sharp_model
+    from tests.train.test_train import sharp_model
 
     model = sharp_model("llava")
     return model, make_prompt_builder(model, build_offline_processor(model))
@@ -60,7 +60,7 @@ def _worker(rank, world, init_file, data_dir, out):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from m2iv.data import TaskData
-    from tests.test_train import synthetic_records
+    from tests.train.test_train import synthetic_records
 
     d = tmp_path_factory.mktemp("dist_task")
     TaskData.from_items(synthetic_records(96), name="synthetic").save(d)
@@ -98,7 +98,7 @@ def test_torchrun_cli(tmp_path):
 
     if not os.path.exists(checkpoint_paths("1tok")[0]):
         pytest.skip("the digits testbed checkpoint is not built yet")
-    from m2iv.data import make_digits
+    from m2iv.testbed.digits_task import make_digits
 
     data = str(tmp_path / "digits")
     make_digits(data, pool_size=40, train_size=32, eval_size=16)

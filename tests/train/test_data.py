@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2iv.data import DataError, Item, TaskData, load_task, make_digits
+from m2iv.data import DataError, Item, TaskData, load_task
+from m2iv.testbed.digits_task import make_digits
 
 
 def _img(seed=0, size=8):
