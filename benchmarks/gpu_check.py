@@ -23,7 +23,8 @@ skipped. Steps are ordered by value, so a slow machine loses the last ones, neve
 If the extension's build (``info``) overruns, the later steps run without it
 (``M2IV_EXT=0``), since a killed build leaves a lock that would stall them.
 
-Expected runtime on an H200: about 8.5 minutes (508 s of steps), from the work each step does.
+Expected runtime on an H200: about 8.6 minutes (515 s of steps), estimated from the work each
+step does (no step has run on a GPU yet; the first run's summary prints each step's time).
 Rates used: a 7B LLaVA's eager decode step is bound by the host, ~15-20 ms a token for 32
 layers (``m2iv.bench.icl.decode_seconds`` on the llava-1.5-7b preset shrunk to width 64 took
 15 ms a step of Python and dispatch on the 2-core development CPU), not by reading its 14 GB
@@ -34,22 +35,31 @@ least 8 calls per timing.
 * ``info`` (60 s): builds the C++/CUDA extension just in time (4 translation units compiled in
   parallel: the torch-free ``m2iv_cuda.cu`` took 22 s with nvcc for sm_90 here, each
   torch-header C++ unit ~35 s), then times ``auto``'s choice once.
-* ``parity`` (90 s): the 270 ``gpu``-marked tests (252 kernel parity cases on tiny tensors,
-  CUDA-graph capture, 12 Inductor compiles), 8 pytest-xdist workers. The cost is compiling:
-  the Triton half of these tests launches 262 distinct kernel specializations (counted on
-  the CPU run of the same tests), each JIT-compiled once per worker that meets it first, at
-  ~1 core-second each (the CI compile report builds 180 binaries in 1.5 min on 2 cores):
-  ~400 core-seconds over 8 workers; Inductor ~10 s a test.
-* ``kernels`` (48 s): ``benchmarks.kernels`` ops part, bf16, 5 shapes x 3 ops x 5 timings
-  (unfused, unsteered, triton, ext, torch) of ~0.45 s each (``do_bench`` rep 400 ms) = 31 s,
-  the traffic model, ~10 new Triton specializations, start-up.
+* ``parity`` (105 s): the 273 ``gpu``-marked tests (252 kernel parity cases on tiny tensors,
+  CUDA-graph capture, 12 Inductor compiles, 3 steered tiny HF models compiled with Inductor
+  and captured as CUDA graphs), 8 pytest-xdist workers. The cost is compiling: the Triton
+  half of these tests launches 262 distinct kernel specializations (counted on the CPU run of
+  the same tests), each JIT-compiled once per worker that meets it first, at ~1 core-second
+  each (the CI compile report builds 180 binaries in 1.5 min on 2 cores): ~400 core-seconds
+  over 8 workers; Inductor ~10 s a test; a steered model's prefill and decode graphs with
+  ``mode="reduce-overhead"`` ~20-30 s on one worker beside the others (+15 s of wall time).
+* ``kernels`` (40 s): ``benchmarks.kernels`` ops part, bf16, 7 shapes x 3 ops, each case
+  timing its variants (unfused, unsteered, triton, ext, torch) interleaved for a 0.4 s budget
+  (5 to 41 repetitions of ~2 ms samples): ~0.5 s a case = 11 s; the traffic model; ~20 new
+  Triton specializations at ~1 s each; start-up ~8 s.
 * ``bandwidth`` (45 s): ``benchmarks.bandwidth``, 7 cases x 2 variants x 2 shapes x 2
   backends = 56 graph-timed cases of ~0.2 s, plus ~36 Triton specializations at these shapes.
-* ``patched`` (60 s): ``benchmarks.patched --quick`` on LLaVA-1.5-7B (random bf16 weights,
-  7.06B parameters, built on the GPU in ~10 s): 24 forward timings (512 tokens at batch 1,
-  2,048 at batch 4; 3 rounds x 4 variants) of ~0.4 s and 12 ``generate`` timings (8 new
-  tokens, ~0.3 s a call, 8 calls each) = 10 + 29 s.
-* ``icl`` (60 s): ``m2iv bench`` on LLaVA-1.5-7B, 16 decode steps: per mode a prefill timing
+* ``patched`` (60 s): ``benchmarks.patched --batch 1 8 --reps 5 --steps 16 --eager-only`` on
+  LLaVA-1.5-7B (random bf16 weights, 7.06B parameters, built on the GPU in ~10 s): unsteered,
+  fused and hooks interleaved. Prefill (601 tokens): 6 rounds x 3 modes of >= 50 ms samples
+  at batch 1 (~30 ms a forward) and batch 8 (~150 ms) = ~5 s with the warm-up; decode: 7
+  lockstep rounds (2 warm-up) x 3 modes of a 17-token ``generate`` (~0.4 s at batch 1, ~0.5 s
+  at batch 8 with its prefill) = ~20 s; ~8 Triton specializations of the steering kernels;
+  start-up ~8 s. Compiled mode is left out: each mode's twin compiles its own prefill and
+  decode graphs per batch size (12 Inductor compiles of a 32-layer model, minutes), which
+  would not fit; ``--compiled-only --batch 1 --phases decode`` measures it in its own call.
+* ``icl`` (60 s): ``m2iv bench --overhead none`` (the steering cost is the ``patched``
+  step's) on LLaVA-1.5-7B, 16 decode steps: per mode a prefill timing
   (0.5 s budget) and 3+3 generations at batch 1 and 8; modes a, b, c (601 tokens, ~3 s each)
   and 1-, 2-, 4-shot ICL (1,209 / 1,817 / 3,033 tokens, 3.5-6.5 s); 8 to 128 shots exceed the
   4,096-token context and are recorded as such; build and warm-up ~20 s.
@@ -103,8 +113,10 @@ class Step:
 
 
 _PYTEST = ("-v", "-rfEs", "-p", "no:cacheprovider", "--junitxml", "{out}/junit.xml")
-_LLAVA = ("m2iv.cli", "bench", "--preset", "llava-1.5-7b")
-_TINY_BENCH = ("m2iv.cli", "bench", "--preset", "cpu-tiny", "--smoke", "--out", "{out}")
+# the steering cost is the patched step's: m2iv bench without its own (--overhead none)
+_LLAVA = ("m2iv.cli", "bench", "--preset", "llava-1.5-7b", "--overhead", "none")
+_TINY_BENCH = ("m2iv.cli", "bench", "--preset", "cpu-tiny", "--smoke", "--overhead", "none",
+               "--out", "{out}")
 
 # THE table: every command the check runs (see the module docstring for the times).
 STEPS: tuple[Step, ...] = (
@@ -113,22 +125,22 @@ STEPS: tuple[Step, ...] = (
     Step("parity", ("pytest", "tests", "-m", "gpu", *_PYTEST),
          ("pytest", "tests/kernels/test_ops.py", "tests/kernels/test_gpu.py",
           "-k", "bit_identical or capture", *_PYTEST),
-         90, 150, gpu_summary.parity,
+         105, 150, gpu_summary.parity,
          optional={"xdist": ("-n", "8"), "pytest_timeout": ("--timeout", "240")}),
     Step("kernels", ("benchmarks.kernels", "--dtype", "bf16", "--only", "ops", "traffic",
                      "--out", "{out}"),
          ("benchmarks.kernels", "--device", "cpu", "--quick", "--dtype", "fp32", "--only", "ops",
           "traffic", "--out", "{out}"),
-         48, 90, gpu_summary.kernels),
+         40, 90, gpu_summary.kernels),
     Step("bandwidth", ("benchmarks.bandwidth", "--shapes", "4096x4096", "4096x8192",
                        "--dtype", "bf16", "--out", "{out}"),
          ("benchmarks.bandwidth", "--device", "cpu", "--shapes", "64x256", "--budget", "0.02",
           "--copy-mb", "4", "--out", "{out}"),
          45, 90, gpu_summary.bandwidth),
-    Step("patched", ("benchmarks.patched", "--preset", "llava-1.5-7b", "--quick",
-                     "--out", "{out}"),
-         ("benchmarks.patched", "--preset", "cpu-tiny", "--device", "cpu", "--quick",
-          "--out", "{out}"),
+    Step("patched", ("benchmarks.patched", "--preset", "llava-1.5-7b", "--batch", "1", "8",
+                     "--reps", "5", "--steps", "16", "--eager-only", "--out", "{out}"),
+         ("benchmarks.patched", "--preset", "cpu-tiny", "--device", "cpu", "--smoke",
+          "--eager-only", "--out", "{out}"),
          60, 120, gpu_summary.patched),
     Step("icl", (*_LLAVA, "--set", "decode_steps=16", "--budget", "0.5", "--tasks", "1",
                  "--multitask-batch", "1", "--out", "{out}"),

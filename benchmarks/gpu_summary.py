@@ -186,7 +186,7 @@ def bandwidth(step_dir: Path) -> Result:
     return line, [head] + table(header, body) + [f"  {d}" for d in down]
 
 
-_KEYS = ("case", "phase", "batch", "tokens", "mode", "compiled")
+_KEYS = ("case", "phase", "batch", "exec", "tokens", "mode", "compiled")
 _SPREAD = ("iqr", "p25", "p75")
 
 
@@ -210,7 +210,8 @@ def patched(step_dir: Path) -> Result:
 
 
 def _icl_rows(step_dir: Path) -> list[dict]:
-    return [r for r in result_rows(step_dir) if r.get("mode") != "multi-task"]
+    return [r for r in result_rows(step_dir) if r.get("mode") not in ("multi-task",
+                                                                      "steering cost")]
 
 
 def icl(step_dir: Path) -> Result:
@@ -237,12 +238,11 @@ def icl(step_dir: Path) -> Result:
     if beyond:
         details.append(f"  {', '.join(beyond)}-shot ICL: beyond the context window")
     icl_ok = [r for r in rows if r.get("m2iv_prefill_speedup")]
-    fused = next((r for r in rows if str(r.get("mode", "")).startswith("b)")), {})
-    line = f"steered prefill {_fmt(fused.get('prefill_overhead_vs_unsteered'))}x of unsteered"
+    line = "no k-shot ICL row ran (see the table)"
     if icl_ok:
         top = icl_ok[-1]
-        line += f"; vs {top['shots']}-shot ICL: prefill {_fmt(top['m2iv_prefill_speedup'])}x " \
-                f"faster, {_fmt(top.get('m2iv_memory_ratio'))}x less memory"
+        line = f"M2IV vs {top['shots']}-shot ICL: prefill {_fmt(top['m2iv_prefill_speedup'])}x " \
+               f"faster, {_fmt(top.get('m2iv_memory_ratio'))}x less memory"
     return line, details
 
 

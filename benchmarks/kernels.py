@@ -1,12 +1,15 @@
 """Fused steering ops vs the unfused PyTorch sequence a transformers decoder layer runs today.
 
     python -m benchmarks.kernels [--quick] [--device cpu|cuda] [--dtype bf16 fp32 ...]
-                                 [--only ops registry traffic] [--sm 132]
+                                 [--only ops registry traffic] [--sm 132] [--threads 1]
+                                 [--clock wall|thread] [--out DIR]
 
 For each op and shape it times the fused op on every available backend against
   * ``unfused``: the same steering as separate PyTorch ops (how hook-based steering runs), and
   * ``unsteered``: what the layer does with no steering at all (residual add, HF RMSNorm),
-prints ratios measured in the same run and writes JSON/CSV under ``benchmarks/results/``.
+prints ratios measured interleaved in the same run (every repetition runs each variant once;
+median of the per-repetition ratios with their IQR, flagged NOISY where the IQR is larger than
+the effect) and writes JSON/CSV into ``--out`` (default: a new directory under ``runs/``).
 On a GPU it adds GB/s and % of peak HBM bandwidth. On the CPU, Triton only runs in its
 interpreter: those times are reported (small shapes only) but say nothing about kernel speed.
 It also measures what each op-registry mechanism costs per call (the same trivial body through
@@ -29,13 +32,11 @@ import torch
 
 import m2iv_kernels as mk
 
-from m2iv.bench.common import device_tag, machine_info, print_table, time_ms, write_results
+from m2iv.bench.common import (device_tag, flag_noise, interleaved, machine_info, print_table,
+                               ratio_stats, results_dir, spec_peak_bytes_per_s, time_once,
+                               write_results)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Spec-sheet HBM bandwidth (bytes/s) by device-name fragment, for "% of peak".
-PEAK_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
-            "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12,
-            "RTX 4090": 1.008e12}
 PARTS = ("ops", "registry", "traffic")
 INTERPRETER_MAX_ROWS = 64  # the interpreter costs ~ per element; keep its rows small
 
@@ -80,41 +81,62 @@ def _cases(rows: int, d: int, heads: int, dtype: torch.dtype, device: torch.devi
     ]
 
 
-def _peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in PEAK_HBM.items() if key in name), None)
-
-
 def run_ops(device: torch.device, shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype],
-            budget_s: float) -> list[dict]:
+            budget_s: float, clock: str = "wall") -> list[dict]:
+    """Per op x shape x dtype, the fused op on every available backend, the unfused sequence
+    and the unsteered layer, timed interleaved: every repetition runs each once (``inner``
+    calls), so ratios are per repetition (median and IQR)."""
     avail = mk.available_backends(device)
     backends = [b for b, ok in avail.items() if ok is True]
-    peak = _peak(device)
+    peak = spec_peak_bytes_per_s(device)
     rows_out = []
     for rows, d, heads in shapes:
         for dtype in dtypes:
             for op, fused, unfused, unsteered, nbytes in _cases(rows, d, heads, dtype, device):
-                t_unf = time_ms(unfused, device, budget_s=budget_s)["median"]
-                t_uns = time_ms(unsteered, device, budget_s=budget_s)["median"] \
-                    if unsteered else None
+                fns = {"unfused": unfused}
+                if unsteered is not None:
+                    fns["unsteered"] = unsteered
                 for b in backends:
-                    interp = b == "triton" and device.type == "cpu"
-                    if interp and rows > INTERPRETER_MAX_ROWS:
+                    if b == "triton" and device.type == "cpu" and rows > INTERPRETER_MAX_ROWS:
+                        continue  # the interpreter costs ~ per element
+                    fns[b] = lambda b=b: fused(b)
+                inner = calibrate_inner(fns["unfused"], device)
+                reps = max(5, min(41, int(budget_s / (inner * len(fns)
+                                                      * time_once(fns["unfused"], device)))))
+                with torch.no_grad():
+                    s = interleaved(fns, device, reps=reps, inner=inner, clock=clock)
+                for b in backends:
+                    if b not in s:
                         continue
-                    t = time_ms(lambda: fused(b), device, budget_s=budget_s)
+                    interp = b == "triton" and device.type == "cpu"
+                    speed = ratio_stats(s["unfused"], s[b])
                     row = {"op": op, "rows": rows, "D": d, "dtype": str(dtype)[6:],
                            "backend": b + (" (interpreter)" if interp else ""),
-                           "fused_ms": t["median"], "p25_ms": t["p25"], "p75_ms": t["p75"],
-                           "unfused_ms": t_unf, "speedup_vs_unfused": t_unf / t["median"],
-                           "unsteered_ms": t_uns,
-                           "fused_over_unsteered": t["median"] / t_uns if t_uns else None}
+                           "fused_ms": statistics.median(s[b]) * 1e3,
+                           "unfused_ms": statistics.median(s["unfused"]) * 1e3,
+                           "speedup_vs_unfused": speed["median"],
+                           "speedup_p25": speed["p25"], "speedup_p75": speed["p75"],
+                           "note": flag_noise(speed), "reps": reps, "inner": inner,
+                           "unsteered_ms": None, "fused_over_unsteered": None}
+                    if "unsteered" in s:
+                        over = ratio_stats(s[b], s["unsteered"])
+                        row.update(unsteered_ms=statistics.median(s["unsteered"]) * 1e3,
+                                   fused_over_unsteered=over["median"],
+                                   over_unsteered_p25=over["p25"],
+                                   over_unsteered_p75=over["p75"])
                     if device.type == "cuda":
-                        row["GB/s"] = nbytes / (t["median"] * 1e-3) / 1e9
+                        row["GB/s"] = nbytes / (row["fused_ms"] * 1e-3) / 1e9
                         row["%peak_HBM"] = 100 * row["GB/s"] * 1e9 / peak if peak else None
                     rows_out.append(row)
     return rows_out
+
+
+def calibrate_inner(fn: Callable[[], object], device: torch.device, target_s: float = 2e-3
+                    ) -> int:
+    """Calls per sample so that one sample lasts about ``target_s`` (timer resolution and
+    per-sample overhead become negligible)."""
+    fn()
+    return max(1, int(target_s / time_once(fn, device)))
 
 
 _CPP_REGISTRY = """
@@ -231,16 +253,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="few shapes, short timing budget")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--out", default=None,
+                   help="results directory (default: a new one under runs/)")
+    p.add_argument("--clock", choices=("wall", "thread"), default=None,
+                   help="ops part: default thread CPU time on the CPU with one torch thread, "
+                        "else wall time")
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                    help="run only these parts (default: all)")
     p.add_argument("--sm", type=int, default=132, help="SMs for the traffic model off a GPU "
                    "(default 132: H100 SXM)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on the CPU: 1, timed by thread CPU time)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if args.quick else ["bf16", "fp32"]))]
     shapes = [(1, 4096, 32), (64, 4096, 32)] if args.quick else \
-        [(1, 4096, 32), (64, 4096, 32), (512, 4096, 32), (4096, 4096, 32), (4096, 8192, 64)]
+        [(1, 4096, 32), (64, 4096, 32), (256, 4096, 32), (512, 4096, 32), (2048, 4096, 32),
+         (4096, 4096, 32), (4096, 8192, 64)]
     budget = 0.1 if args.quick else 0.4
 
     meta = machine_info(device)
@@ -250,11 +281,16 @@ def main(argv: list[str] | None = None) -> None:
         print("NOTE: Triton runs in its CPU interpreter here; its times are NOT kernel speed.")
     results: list[dict] = []
     if "ops" in args.only:
-        rows = run_ops(device, shapes, dtypes, budget)
+        clock = args.clock or ("thread" if device.type == "cpu" and torch.get_num_threads() == 1
+                               else "wall")
+        rows = run_ops(device, shapes, dtypes, budget, clock)
+        print(f"\nfused vs unfused, interleaved ({clock} clock; ratios: median of "
+              "per-repetition ratios, p25-p75):")
         print_table(rows, ["op", "rows", "D", "dtype", "backend", "fused_ms", "unfused_ms",
-                           "speedup_vs_unfused", "unsteered_ms", "fused_over_unsteered"]
+                           "speedup_vs_unfused", "speedup_p25", "speedup_p75", "unsteered_ms",
+                           "fused_over_unsteered", "note"]
                     + (["GB/s", "%peak_HBM"] if device.type == "cuda" else []))
-        results += rows
+        results += [{"part": "ops", "clock": clock, **r} for r in rows]
     if "registry" in args.only:
         reg = run_registration_overhead(device)
         print("\nhost cost per call of each op-registry mechanism (T=1, D=4096, interleaved):")
@@ -273,8 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parts = "" if set(args.only) == set(PARTS) else "-" + "-".join(args.only)
     stem = f"kernels-{device_tag(device)}-{dt.date.today().isoformat()}" + (
         "-quick" if args.quick else "") + parts
-    kw = {"out_dir": Path(args.out)} if args.out else {}
-    js, cs = write_results(stem, results, meta, **kw)
+    js, cs = write_results(stem, results, meta, Path(args.out) if args.out
+                           else results_dir("kernels"))
     print(f"\nwrote {js} and {cs}")
 
 

@@ -30,10 +30,11 @@ inline void require_cpu(const Tensor& t) {
 #define M2IV_ON_DEVICE(t, fn, ...) (require_cpu(t), cpu::fn(__VA_ARGS__))
 #endif
 
-void steer_fwd(const Tensor& x, const OptTensor& residual, const Tensor& out,
-               const Tensor& vectors, const Tensor& gates, const OptTensor& mask,
-               const OptTensor& index, int64_t rows_per_seq) {
-  M2IV_ON_DEVICE(x, steer_fwd, x, residual, out, vectors, gates, mask, index, rows_per_seq);
+Tensor steer_fwd(const Tensor& x, const OptTensor& residual, const Tensor& vectors,
+                 const Tensor& gates, const OptTensor& mask, const OptTensor& index,
+                 int64_t rows_per_seq, const OptTensor& out) {
+  return M2IV_ON_DEVICE(x, steer_fwd, x, residual, vectors, gates, mask, index, rows_per_seq,
+                        out);
 }
 
 Tensor steer_colsum(const Tensor& grad, const OptTensor& mask, const OptTensor& index,
@@ -45,9 +46,10 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_fwd(const Tensor& residual, const Ten
                                                const Tensor& vectors, const Tensor& gates,
                                                const Tensor& weight, double eps,
                                                double weight_offset, const OptTensor& mask,
-                                               const OptTensor& index, int64_t rows_per_seq) {
+                                               const OptTensor& index, int64_t rows_per_seq,
+                                               const OptTensor& out) {
   return M2IV_ON_DEVICE(x, rmsnorm_fwd, residual, x, vectors, gates, weight, eps, weight_offset,
-                        mask, index, rows_per_seq);
+                        mask, index, rows_per_seq, out);
 }
 
 std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
@@ -66,9 +68,11 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "m2iv steering kernels (C++ CPU and CUDA); see m2iv_kernels/ext.py";
-  m.def("steer_fwd", &m2iv::steer_fwd, "out = [residual +] x + mask * gate * vector");
+  m.def("steer_fwd", &m2iv::steer_fwd,
+        "out = [residual +] x + mask * gate * vector (out may be x)");
   m.def("steer_colsum", &m2iv::steer_colsum, "per bank row: sum of mask * grad");
-  m.def("rmsnorm_fwd", &m2iv::rmsnorm_fwd, "steer-add + RMSNorm: (normed, new_residual, rstd)");
+  m.def("rmsnorm_fwd", &m2iv::rmsnorm_fwd,
+        "steer-add + RMSNorm: (normed, new_residual, rstd); new_residual in out (or residual)");
   m.def("rmsnorm_bwd", &m2iv::rmsnorm_bwd, "(d new_residual, d weight, per-bank sums)");
   m.def("build_info", [] {
     pybind11::dict d;

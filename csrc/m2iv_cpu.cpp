@@ -38,33 +38,70 @@ static bool kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_rows(const char* name, const Tensor& t, int64_t R, int64_t C) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == R && t.size(1) == C, "m2iv_ext: ", name,
-              " must be [", R, ", ", C, "], got ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1 || C <= 1, "m2iv_ext: ", name, " needs unit column stride");
+RowView rows_of(const char* name, const Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, "m2iv_ext: ", name, " must have a feature dimension, got a scalar");
   TORCH_CHECK(kernel_dtype(t.scalar_type()), "m2iv_ext: ", name,
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  RowView v;
+  const int64_t n = t.dim();
+  v.C = t.size(n - 1);
+  v.R = 1;
+  for (int64_t d = 0; d < n - 1; ++d) v.R *= t.size(d);
+  v.stride = v.C;
+  TORCH_CHECK(t.stride(n - 1) == 1 || v.C <= 1 || v.R == 0, "m2iv_ext: ", name,
+              " needs unit column stride");
+  // the innermost leading dimension of size > 1 gives the row stride; outer ones must nest
+  int64_t next = -1;
+  for (int64_t d = n - 2; d >= 0; --d) {
+    if (t.size(d) == 1) continue;
+    if (next < 0) {
+      v.stride = t.stride(d);
+    } else {
+      TORCH_CHECK(t.stride(d) == next, "m2iv_ext: ", name, " of shape ", t.sizes(),
+                  " and strides ", t.strides(), " has no [R, C] row view");
+    }
+    next = t.stride(d) * t.size(d);
+  }
+  return v;
 }
 
-void check_rmsnorm_bwd(const Tensor& grad_normed, const OptTensor& grad_residual,
-                       const Tensor& new_residual, const Tensor& rstd, const Tensor& weight,
-                       const OptTensor& mask, const OptTensor& index, int64_t rows_per_seq) {
-  TORCH_CHECK(new_residual.dim() == 2 && new_residual.is_contiguous(),
-              "m2iv_ext: new_residual must be a contiguous [R, C] tensor");
-  const int64_t R = new_residual.size(0), C = new_residual.size(1);
-  check_rows("new_residual", new_residual, R, C);
-  check_rows("grad_normed", grad_normed, R, C);
+RowView rows_like(const char* name, const Tensor& t, const RowView& ref, at::ScalarType dt) {
+  const RowView v = rows_of(name, t);
+  TORCH_CHECK(v.R == ref.R && v.C == ref.C, "m2iv_ext: ", name, " must have ", ref.R,
+              " rows of ", ref.C, ", got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dt, "m2iv_ext: ", name, " dtype must be ", dt, ", got ",
+              t.scalar_type());
+  return v;
+}
+
+RowView dense_rows_like(const char* name, const Tensor& t, const RowView& ref,
+                        at::ScalarType dt) {
+  const RowView v = rows_like(name, t, ref, dt);
+  TORCH_CHECK(v.R <= 1 || v.stride == v.C, "m2iv_ext: ", name,
+              " must have contiguous rows (row stride ", v.C, "), got ", v.stride);
+  return v;
+}
+
+std::vector<int64_t> lead_shape(const Tensor& x) {
+  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+RowView check_rmsnorm_bwd(const Tensor& grad_normed, const OptTensor& grad_residual,
+                          const Tensor& new_residual, const Tensor& rstd, const Tensor& weight,
+                          const OptTensor& mask, const OptTensor& index, int64_t rows_per_seq) {
+  const RowView y = rows_of("new_residual", new_residual);
+  TORCH_CHECK(new_residual.is_contiguous(), "m2iv_ext: new_residual must be contiguous");
   const auto dt = new_residual.scalar_type();
-  TORCH_CHECK(grad_normed.scalar_type() == dt, "m2iv_ext: grad_normed dtype must match");
-  if (grad_residual) {
-    check_rows("grad_residual", *grad_residual, R, C);
-    TORCH_CHECK(grad_residual->scalar_type() == dt, "m2iv_ext: grad_residual dtype must match");
-  }
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == R,
-              "m2iv_ext: rstd must be a contiguous float32 [R] tensor");
-  TORCH_CHECK(weight.numel() == C && weight.is_contiguous(),
-              "m2iv_ext: weight must be a contiguous [", C, "] tensor");
-  check_meta(mask, index, R, rows_per_seq);
+  rows_like("grad_normed", grad_normed, y, dt);
+  if (grad_residual) rows_like("grad_residual", *grad_residual, y, dt);
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == y.R,
+              "m2iv_ext: rstd must be a contiguous float32 tensor of ", y.R, " elements");
+  TORCH_CHECK(weight.numel() == y.C && weight.is_contiguous() &&
+                  kernel_dtype(weight.scalar_type()),
+              "m2iv_ext: weight must be a contiguous [", y.C,
+              "] float32/float16/bfloat16 tensor");
+  check_meta(mask, index, y.R, rows_per_seq);
+  return y;
 }
 
 void check_meta(const OptTensor& mask, const OptTensor& index, int64_t R, int64_t rows_per_seq) {
@@ -73,8 +110,8 @@ void check_meta(const OptTensor& mask, const OptTensor& index, int64_t R, int64_
     const auto mt = mask->scalar_type();
     TORCH_CHECK((mt == at::kBool || kernel_dtype(mt)) && mask->is_contiguous() &&
                     mask->numel() == R,
-                "m2iv_ext: mask must be a contiguous bool, float32, float16 or bfloat16 [", R,
-                "] tensor");
+                "m2iv_ext: mask must be a contiguous bool, float32, float16 or bfloat16 tensor "
+                "of ", R, " elements");
   }
   if (index) {
     TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous() &&
@@ -85,33 +122,35 @@ void check_meta(const OptTensor& mask, const OptTensor& index, int64_t R, int64_
   }
 }
 
-static void check_bank(const Tensor& vectors, const Tensor& gates, int64_t C) {
-  TORCH_CHECK(vectors.dim() == 3 && vectors.is_contiguous() &&
-                  vectors.size(1) * vectors.size(2) == C,
-              "m2iv_ext: vectors must be a contiguous [N, H, Dh] bank with H*Dh = ", C,
-              ", got ", vectors.sizes());
-  TORCH_CHECK(gates.dim() == 2 && gates.is_contiguous() && gates.size(0) == vectors.size(0) &&
-                  gates.size(1) == vectors.size(1),
-              "m2iv_ext: gates must be a contiguous [N, H] tensor, got ", gates.sizes());
+BankShape check_bank(const Tensor& vectors, const Tensor& gates, int64_t C) {
+  BankShape b;
+  const int64_t n = vectors.dim();
+  TORCH_CHECK(n >= 1 && n <= 3 && vectors.is_contiguous(),
+              "m2iv_ext: vectors must be a contiguous [N, H, Dh], [N, C] or [C] tensor, got ",
+              vectors.sizes());
+  b.NB = n >= 2 ? vectors.size(0) : 1;
+  b.H = n == 3 ? vectors.size(1) : 1;
+  b.Dh = vectors.size(n - 1);
+  TORCH_CHECK(b.H * b.Dh == C, "m2iv_ext: vectors of shape ", vectors.sizes(), " do not cover ",
+              C, " columns");
+  TORCH_CHECK(gates.is_contiguous() && gates.numel() == b.NB * b.H,
+              "m2iv_ext: gates must be a contiguous tensor of N * H = ", b.NB * b.H,
+              " elements, got ", gates.sizes());
   TORCH_CHECK(kernel_dtype(vectors.scalar_type()) && kernel_dtype(gates.scalar_type()),
               "m2iv_ext: vectors and gates must be float32, float16 or bfloat16");
+  return b;
 }
 
-void check_steer(const Tensor& x, const OptTensor& residual, const Tensor& out,
-                 const Tensor& vectors, const Tensor& gates, const OptTensor& mask,
-                 const OptTensor& index, int64_t rows_per_seq) {
-  TORCH_CHECK(x.dim() == 2, "m2iv_ext: x must be [R, C]");
-  const int64_t R = x.size(0), C = x.size(1);
-  check_rows("x", x, R, C);
-  check_rows("out", out, R, C);
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "m2iv_ext: out dtype must match x");
-  if (residual) {
-    check_rows("residual", *residual, R, C);
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type(),
-                "m2iv_ext: residual dtype must match x");
-  }
-  check_bank(vectors, gates, C);
-  check_meta(mask, index, R, rows_per_seq);
+SteerLayout check_steer(const Tensor& x, const OptTensor& residual, const Tensor& out,
+                        const Tensor& vectors, const Tensor& gates, const OptTensor& mask,
+                        const OptTensor& index, int64_t rows_per_seq) {
+  SteerLayout l;
+  l.x = rows_of("x", x);
+  l.out = rows_like("out", out, l.x, x.scalar_type());
+  if (residual) l.res = rows_like("residual", *residual, l.x, x.scalar_type());
+  l.bank = check_bank(vectors, gates, l.x.C);
+  check_meta(mask, index, l.x.R, rows_per_seq);
+  return l;
 }
 
 namespace cpu {
@@ -305,19 +344,34 @@ struct Steering {
   const float* row(int64_t r) const { return seq[r / rows_per_seq]; }
 };
 
-template <typename V, typename G>
-void fill_term(const V* vec, const G* gate, int64_t H, int64_t Dh, float* dst) {
-  for (int64_t h = 0; h < H; ++h) {
-    const float g = to_f(gate[h]);
-    const V* v = vec + h * Dh;
-    float* d = dst + h * Dh;
-    for (int64_t i = 0; i < Dh; ++i) d[i] = g * to_f(v[i]);
+// dst[0, C) = float(gate) * float(vec[0, C)), vectorized (fp16/bf16 converted on the fly)
+template <typename V>
+void scale_row(const V* vec, float g, int64_t C, float* dst) {
+  const fVec vg(g);
+  int64_t c = 0;
+  for (; c + kU <= C; c += kU) {
+    fVec a, b;
+    IO<V>::load(vec + c, a, b);
+    store_f32(dst + c, a * vg, b * vg);
+  }
+  if (c < C) {
+    fVec a, b;
+    IO<V>::load(vec + c, C - c, a, b);
+    store_f32(dst + c, C - c, a * vg, b * vg);
   }
 }
 
-Steering make_steering(const Tensor& vectors, const Tensor& gates, const OptTensor& index,
-                       int64_t rows_per_seq) {
-  const int64_t NB = vectors.size(0), H = vectors.size(1), Dh = vectors.size(2), C = H * Dh;
+// A gate that is NaN or inf would turn every steered row into NaN: refused (the gates are read
+// here anyway, so the check costs nothing; on a GPU it would need a device sync).
+inline float finite_gate(float g, int64_t n, int64_t h) {
+  TORCH_CHECK(std::isfinite(g), "m2iv_ext: gate (bank row ", n, ", head ", h, ") is ", g,
+              ": steering with it would make every steered row NaN; pass finite gates");
+  return g;
+}
+
+Steering make_steering(const Tensor& vectors, const Tensor& gates, const BankShape& bs,
+                       const OptTensor& index, int64_t rows_per_seq) {
+  const int64_t NB = bs.NB, H = bs.H, Dh = bs.Dh, C = H * Dh;
   Steering st;
   st.rows_per_seq = index ? rows_per_seq : std::numeric_limits<int64_t>::max();
   std::vector<int64_t> banks;  // bank row of each table row
@@ -349,7 +403,11 @@ Steering make_steering(const Tensor& vectors, const Tensor& gates, const OptTens
       const V* vp = vectors.data_ptr<V>();
       const G* gp = gates.data_ptr<G>();
       for (size_t i = 0; i < banks.size(); ++i)
-        fill_term(vp + banks[i] * C, gp + banks[i] * H, H, Dh, st.table.get() + i * C);
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t n = banks[i];
+          scale_row(vp + n * C + h * Dh, finite_gate(to_f(gp[n * H + h]), n, h), Dh,
+                    st.table.get() + i * C + h * Dh);
+        }
     });
   });
   return st;
@@ -764,51 +822,63 @@ void rms_bwd_rows(const T* gn, int64_t sgn, const T* gr, int64_t sgr, const T* y
 // ------------------------------------------------------------------------------------------
 // Operators
 
-void steer_fwd(const Tensor& x, const OptTensor& residual, const Tensor& out,
-               const Tensor& vectors, const Tensor& gates, const OptTensor& mask,
-               const OptTensor& index, int64_t rows_per_seq) {
-  check_steer(x, residual, out, vectors, gates, mask, index, rows_per_seq);
-  const int64_t R = x.size(0), C = x.size(1);
-  if (R == 0 || C == 0) return;
-  const Steering st = make_steering(vectors, gates, index, rows_per_seq);
+Tensor steer_fwd(const Tensor& x, const OptTensor& residual, const Tensor& vectors,
+                 const Tensor& gates, const OptTensor& mask, const OptTensor& index,
+                 int64_t rows_per_seq, const OptTensor& out_) {
+  const Tensor out = out_ ? *out_ : at::empty(x.sizes(), x.options());
+  const SteerLayout l = check_steer(x, residual, out, vectors, gates, mask, index, rows_per_seq);
+  const int64_t R = l.x.R, C = l.x.C;
+  if (R == 0 || C == 0) return out;
+  const Steering st = make_steering(vectors, gates, l.bank, index, rows_per_seq);
   const Mask mk = mask_of(mask);
   M2IV_DISPATCH3(x.scalar_type(), T, [&] {
     const T* xp = x.data_ptr<T>();
     T* op = out.data_ptr<T>();
     if (residual)
-      steer_rows<T, true>(xp, x.stride(0), residual->data_ptr<T>(), residual->stride(0), op,
-                          out.stride(0), st, mk, R, C);
+      steer_rows<T, true>(xp, l.x.stride, residual->data_ptr<T>(), l.res.stride, op,
+                          l.out.stride, st, mk, R, C);
     else
-      steer_rows<T, false>(xp, x.stride(0), nullptr, 0, op, out.stride(0), st, mk, R, C);
+      steer_rows<T, false>(xp, l.x.stride, nullptr, 0, op, l.out.stride, st, mk, R, C);
   });
+  return out;
 }
 
 Tensor steer_colsum(const Tensor& grad, const OptTensor& mask, const OptTensor& index,
                     int64_t rows_per_seq, int64_t n_bank) {
-  TORCH_CHECK(grad.dim() == 2, "m2iv_ext: grad must be [R, C]");
-  const int64_t R = grad.size(0), C = grad.size(1);
-  check_rows("grad", grad, R, C);
+  const RowView g = rows_of("grad", grad);
+  const int64_t R = g.R, C = g.C;
   check_meta(mask, index, R, rows_per_seq);
   Tensor out = at::zeros({n_bank, C}, grad.options().dtype(at::kFloat));
   if (R == 0 || C == 0 || n_bank == 0) return out;
   Partials part(n_chunks(R, C, n_bank), n_bank, C, out.data_ptr<float>());
   M2IV_DISPATCH3(grad.scalar_type(), T, [&] {
-    colsum_rows<T>(grad.data_ptr<T>(), grad.stride(0), mask_of(mask),
+    colsum_rows<T>(grad.data_ptr<T>(), g.stride, mask_of(mask),
                    index ? index->data_ptr<int64_t>() : nullptr, rows_per_seq, R, C, part);
   });
   return out;
 }
 
 namespace {
-// offset + weight in fp32
+// offset + weight in fp32, vectorized
 std::unique_ptr<float[]> weight_f32(const Tensor& weight, double offset, int64_t C) {
   TORCH_CHECK(weight.numel() == C && weight.is_contiguous() && kernel_dtype(weight.scalar_type()),
               "m2iv_ext: weight must be a contiguous [", C, "] float32/float16/bfloat16 tensor");
   std::unique_ptr<float[]> w(new float[std::max<int64_t>(C, 1)]);
-  const float off = (float)offset;
+  const fVec off((float)offset);
   M2IV_DISPATCH3(weight.scalar_type(), W, [&] {
     const W* p = weight.data_ptr<W>();
-    for (int64_t c = 0; c < C; ++c) w[c] = off + to_f(p[c]);
+    float* d = w.get();
+    int64_t c = 0;
+    for (; c + kU <= C; c += kU) {
+      fVec a, b;
+      IO<W>::load(p + c, a, b);
+      store_f32(d + c, a + off, b + off);
+    }
+    if (c < C) {
+      fVec a, b;
+      IO<W>::load(p + c, C - c, a, b);
+      store_f32(d + c, C - c, a + off, b + off);
+    }
   });
   return w;
 }
@@ -818,30 +888,31 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_fwd(const Tensor& residual, const Ten
                                                const Tensor& vectors, const Tensor& gates,
                                                const Tensor& weight, double eps,
                                                double weight_offset, const OptTensor& mask,
-                                               const OptTensor& index, int64_t rows_per_seq) {
-  TORCH_CHECK(x.dim() == 2, "m2iv_ext: x must be [R, C]");
-  const int64_t R = x.size(0), C = x.size(1);
-  check_rows("x", x, R, C);
-  check_rows("residual", residual, R, C);
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "m2iv_ext: residual dtype must match x");
-  check_bank(vectors, gates, C);
-  TORCH_CHECK(vectors.size(1) == 1, "m2iv_ext: rmsnorm_fwd takes vectors [N, 1, C]");
+                                               const OptTensor& index, int64_t rows_per_seq,
+                                               const OptTensor& out) {
+  const RowView xv = rows_of("x", x);
+  const int64_t R = xv.R, C = xv.C;
+  const RowView rv = rows_like("residual", residual, xv, x.scalar_type());
+  const BankShape bs = check_bank(vectors, gates, C);
+  TORCH_CHECK(bs.H == 1, "m2iv_ext: rmsnorm_fwd takes vectors [N, C] (H = 1)");
   check_meta(mask, index, R, rows_per_seq);
-  Tensor normed = at::empty({R, C}, x.options());
-  Tensor new_res = at::empty({R, C}, x.options());
-  Tensor rstd = at::empty({R}, x.options().dtype(at::kFloat));
+  Tensor normed = at::empty(x.sizes(), x.options());
+  Tensor new_res = out ? *out : at::empty(x.sizes(), x.options());
+  if (out) dense_rows_like("out", new_res, xv, x.scalar_type());
+  Tensor rstd = at::empty(lead_shape(x), x.options().dtype(at::kFloat));
   if (R == 0 || C == 0) return {normed, new_res, rstd};
-  const Steering st = make_steering(vectors, gates, index, rows_per_seq);
+  const Steering st = make_steering(vectors, gates, bs, index, rows_per_seq);
   const auto w = weight_f32(weight, weight_offset, C);
   M2IV_DISPATCH3(x.scalar_type(), T, [&] {
-    // both outputs are fresh contiguous [R, C] tensors: stream them when large
+    // both outputs are contiguous rows: stream them when large
     auto run = [&](auto nt) {
       rms_fwd_rows<T, decltype(nt)::value>(
-          x.data_ptr<T>(), x.stride(0), residual.data_ptr<T>(), residual.stride(0), st,
-          mask_of(mask), w.get(), (float)eps, R, C,
-          normed.data_ptr<T>(), new_res.data_ptr<T>(), rstd.data_ptr<float>());
+          x.data_ptr<T>(), xv.stride, residual.data_ptr<T>(), rv.stride, st, mask_of(mask),
+          w.get(), (float)eps, R, C, normed.data_ptr<T>(), new_res.data_ptr<T>(),
+          rstd.data_ptr<float>());
     };
-    if (use_stream(normed.data_ptr<T>(), C, R, C, kStreamMinBytesRms) &&
+    const bool aliased = new_res.data_ptr() == residual.data_ptr();  // in place: in cache
+    if (!aliased && use_stream(normed.data_ptr<T>(), C, R, C, kStreamMinBytesRms) &&
         use_stream(new_res.data_ptr<T>(), C, R, C, kStreamMinBytesRms))
       run(std::true_type{});
     else
@@ -857,11 +928,10 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
                                                bool need_dw, const OptTensor& mask,
                                                const OptTensor& index, int64_t rows_per_seq,
                                                int64_t n_bank) {
-  check_rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight, mask, index,
-                    rows_per_seq);
-  const int64_t R = new_residual.size(0), C = new_residual.size(1);
-  const auto dt = new_residual.scalar_type();
-  Tensor dy = at::empty({R, C}, new_residual.options());
+  const RowView y = check_rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight,
+                                      mask, index, rows_per_seq);
+  const int64_t R = y.R, C = y.C;
+  Tensor dy = at::empty(new_residual.sizes(), new_residual.options());
   Tensor g = at::zeros({n_bank, C}, new_residual.options().dtype(at::kFloat));
   Tensor dw = need_dw ? at::zeros({C}, g.options()) : at::empty({0}, g.options());
   if (R == 0 || C == 0) return {dy, dw, g};
@@ -870,11 +940,12 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
   Partials pg(K, n_bank, C, g.data_ptr<float>());
   std::unique_ptr<Partials> pw;
   if (need_dw) pw.reset(new Partials(K, 1, C, dw.data_ptr<float>()));
-  M2IV_DISPATCH3(dt, T, [&] {
-    rms_bwd_rows<T>(grad_normed.data_ptr<T>(), grad_normed.stride(0),
-                    grad_residual ? grad_residual->data_ptr<T>() : nullptr,
-                    grad_residual ? grad_residual->stride(0) : 0, new_residual.data_ptr<T>(),
-                    rstd.data_ptr<float>(), w.get(), mask_of(mask),
+  const int64_t sgn = rows_of("grad_normed", grad_normed).stride;
+  const int64_t sgr = grad_residual ? rows_of("grad_residual", *grad_residual).stride : 0;
+  M2IV_DISPATCH3(new_residual.scalar_type(), T, [&] {
+    rms_bwd_rows<T>(grad_normed.data_ptr<T>(), sgn,
+                    grad_residual ? grad_residual->data_ptr<T>() : nullptr, sgr,
+                    new_residual.data_ptr<T>(), rstd.data_ptr<float>(), w.get(), mask_of(mask),
                     index ? index->data_ptr<int64_t>() : nullptr, rows_per_seq, R, C,
                     dy.data_ptr<T>(), pg, pw.get());
   });

@@ -66,28 +66,27 @@ void check(cudaError_t e, const char* what) {
 
 }  // namespace
 
-void steer_fwd(const Tensor& x, const OptTensor& residual, const Tensor& out,
-               const Tensor& vectors, const Tensor& gates, const OptTensor& mask,
-               const OptTensor& index, int64_t rows_per_seq) {
-  check_steer(x, residual, out, vectors, gates, mask, index, rows_per_seq);
-  on_device(x, {opt(residual), &out, &vectors, &gates, opt(mask), opt(index)});
+Tensor steer_fwd(const Tensor& x, const OptTensor& residual, const Tensor& vectors,
+                 const Tensor& gates, const OptTensor& mask, const OptTensor& index,
+                 int64_t rows_per_seq, const OptTensor& out_) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t R = x.size(0), C = x.size(1);
-  check(m2iv_cuda::steer_fwd(dtype_of(x), x.data_ptr(), x.stride(0),
-                             residual ? residual->data_ptr() : nullptr,
-                             residual ? residual->stride(0) : 0, out.data_ptr(), out.stride(0),
-                             dtype_of(vectors), vectors.data_ptr(), dtype_of(gates),
-                             gates.data_ptr(), R, C, vectors.size(1), vectors.size(2),
-                             meta_of(mask, index, rows_per_seq, vectors.size(0)),
+  const Tensor out = out_ ? *out_ : at::empty(x.sizes(), x.options());
+  const SteerLayout l = check_steer(x, residual, out, vectors, gates, mask, index, rows_per_seq);
+  on_device(x, {opt(residual), &out, &vectors, &gates, opt(mask), opt(index)});
+  check(m2iv_cuda::steer_fwd(dtype_of(x), x.data_ptr(), l.x.stride,
+                             residual ? residual->data_ptr() : nullptr, l.res.stride,
+                             out.data_ptr(), l.out.stride, dtype_of(vectors), vectors.data_ptr(),
+                             dtype_of(gates), gates.data_ptr(), l.x.R, l.x.C, l.bank.H,
+                             l.bank.Dh, meta_of(mask, index, rows_per_seq, l.bank.NB),
                              stream()),
         "steer_fwd");
+  return out;
 }
 
 Tensor steer_colsum(const Tensor& grad, const OptTensor& mask, const OptTensor& index,
                     int64_t rows_per_seq, int64_t n_bank) {
-  TORCH_CHECK(grad.dim() == 2, "m2iv_ext: grad must be [R, C]");
-  const int64_t R = grad.size(0), C = grad.size(1);
-  check_rows("grad", grad, R, C);
+  const RowView g = rows_of("grad", grad);
+  const int64_t R = g.R, C = g.C;
   check_meta(mask, index, R, rows_per_seq);
   on_device(grad, {opt(mask), opt(index)});
   const c10::cuda::CUDAGuard guard(grad.device());
@@ -97,7 +96,7 @@ Tensor steer_colsum(const Tensor& grad, const OptTensor& mask, const OptTensor& 
   const int64_t n_seq = index ? index->numel() : 1;
   const int64_t n_chunks = m2iv_cuda::colsum_chunks(n_seq, rows_per_seq, C, sm_count(grad));
   Tensor part = at::empty({R > 0 ? n_seq * n_chunks : 0, C}, f32);
-  check(m2iv_cuda::steer_colsum(dtype_of(grad), grad.data_ptr(), grad.stride(0), R, C,
+  check(m2iv_cuda::steer_colsum(dtype_of(grad), grad.data_ptr(), g.stride, R, C,
                                 meta_of(mask, index, rows_per_seq, n_bank), n_seq, n_chunks,
                                 part.data_ptr<float>(), out.data_ptr<float>(),
                                 stream()),
@@ -109,23 +108,26 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_fwd(const Tensor& residual, const Ten
                                                const Tensor& vectors, const Tensor& gates,
                                                const Tensor& weight, double eps,
                                                double weight_offset, const OptTensor& mask,
-                                               const OptTensor& index, int64_t rows_per_seq) {
-  TORCH_CHECK(x.dim() == 2, "m2iv_ext: x must be [R, C]");
-  const int64_t R = x.size(0), C = x.size(1);
-  check_steer(x, residual, x, vectors, gates, mask, index, rows_per_seq);
-  TORCH_CHECK(vectors.size(1) == 1, "m2iv_ext: rmsnorm_fwd takes vectors [N, 1, C]");
+                                               const OptTensor& index, int64_t rows_per_seq,
+                                               const OptTensor& out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor new_res = out ? *out : at::empty(x.sizes(), x.options());
+  const SteerLayout l = check_steer(x, residual, new_res, vectors, gates, mask, index,
+                                    rows_per_seq);
+  if (out) dense_rows_like("out", new_res, l.x, x.scalar_type());
+  const int64_t R = l.x.R, C = l.x.C;
+  TORCH_CHECK(l.bank.H == 1, "m2iv_ext: rmsnorm_fwd takes vectors [N, C] (H = 1)");
   TORCH_CHECK(weight.numel() == C && weight.is_contiguous(),
               "m2iv_ext: weight must be a contiguous [", C, "] tensor");
-  on_device(x, {&residual, &vectors, &gates, &weight, opt(mask), opt(index)});
-  const c10::cuda::CUDAGuard guard(x.device());
-  Tensor normed = at::empty({R, C}, x.options());
-  Tensor new_res = at::empty({R, C}, x.options());
-  Tensor rstd = at::empty({R}, x.options().dtype(at::kFloat));
-  check(m2iv_cuda::rmsnorm_fwd(dtype_of(x), residual.data_ptr(), residual.stride(0),
-                               x.data_ptr(), x.stride(0), dtype_of(vectors), vectors.data_ptr(),
+  on_device(x, {&residual, &new_res, &vectors, &gates, &weight, opt(mask), opt(index)});
+  Tensor normed = at::empty(x.sizes(), x.options());
+  Tensor rstd = at::empty(lead_shape(x), x.options().dtype(at::kFloat));
+  if (R == 0 || C == 0) return {normed, new_res, rstd};
+  check(m2iv_cuda::rmsnorm_fwd(dtype_of(x), residual.data_ptr(), l.res.stride,
+                               x.data_ptr(), l.x.stride, dtype_of(vectors), vectors.data_ptr(),
                                dtype_of(gates), gates.data_ptr(), dtype_of(weight),
                                weight.data_ptr(), (float)eps, (float)weight_offset, R, C,
-                               meta_of(mask, index, rows_per_seq, vectors.size(0)),
+                               meta_of(mask, index, rows_per_seq, l.bank.NB),
                                normed.data_ptr(), new_res.data_ptr(), rstd.data_ptr<float>(),
                                stream()),
         "rmsnorm_fwd");
@@ -139,14 +141,14 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
                                                bool need_dw, const OptTensor& mask,
                                                const OptTensor& index, int64_t rows_per_seq,
                                                int64_t n_bank) {
-  check_rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight, mask, index,
-                    rows_per_seq);
-  const int64_t R = new_residual.size(0), C = new_residual.size(1);
+  const RowView y = check_rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight,
+                                      mask, index, rows_per_seq);
+  const int64_t R = y.R, C = y.C;
   on_device(new_residual,
             {&grad_normed, opt(grad_residual), &rstd, &weight, opt(mask), opt(index)});
   const c10::cuda::CUDAGuard guard(new_residual.device());
   const auto f32 = new_residual.options().dtype(at::kFloat);
-  Tensor dy = at::empty({R, C}, new_residual.options());
+  Tensor dy = at::empty(new_residual.sizes(), new_residual.options());
   Tensor g = at::empty({n_bank, C}, f32);
   Tensor dw = at::empty({need_dw ? C : 0}, f32);
   if (C == 0) return {dy, dw, g};
@@ -156,10 +158,11 @@ std::tuple<Tensor, Tensor, Tensor> rmsnorm_bwd(const Tensor& grad_normed,
   const int64_t n_parts = R > 0 ? n_seq * n_chunks : 0;
   Tensor part_g = at::empty({n_parts, C}, f32);
   Tensor part_w = at::empty({need_dw ? n_parts : 0, C}, f32);
+  const int64_t sgn = rows_of("grad_normed", grad_normed).stride;
+  const int64_t sgr = grad_residual ? rows_of("grad_residual", *grad_residual).stride : 0;
   check(m2iv_cuda::rmsnorm_bwd(
-            dtype_of(new_residual), grad_normed.data_ptr(), grad_normed.stride(0),
-            grad_residual ? grad_residual->data_ptr() : nullptr,
-            grad_residual ? grad_residual->stride(0) : 0, new_residual.data_ptr(),
+            dtype_of(new_residual), grad_normed.data_ptr(), sgn,
+            grad_residual ? grad_residual->data_ptr() : nullptr, sgr, new_residual.data_ptr(),
             rstd.data_ptr<float>(), dtype_of(weight), weight.data_ptr(), (float)weight_offset,
             R, C, meta_of(mask, index, rows_per_seq, n_bank), n_seq, n_chunks,
             part_g.data_ptr<float>(), need_dw ? part_w.data_ptr<float>() : nullptr,

@@ -5,6 +5,7 @@ and every user error reads the same whatever backend runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,86 @@ def check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
 
 
+def check_finite_gates(gates: torch.Tensor) -> None:
+    """Gates must be finite: a NaN or inf gate makes every steered row NaN. Costs a device
+    sync off the CPU, so callers check only CPU gates (where and why: ``ops._gates_ok``)."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(gates).all()):
+        bad = gates[~torch.isfinite(gates)].flatten()[:4].tolist()
+        raise ValueError(f"gates hold non-finite values ({', '.join(map(str, bad))}): every "
+                         "steered row would be NaN; pass finite gates")
+
+
+def internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (``expand()``, overlapping
+    ``as_strided``). Conservative: a layout it cannot prove free of overlap counts as one."""
+    if t.is_contiguous():
+        return False
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    reach = 0  # the largest offset the dimensions of smaller stride reach
+    for st, n in dims:
+        if st <= reach:
+            return True
+        reach += st * (n - 1)
+    return False
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    return lo, lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) \
+        * t.element_size()
+
+
+def check_writable(name: str, out: torch.Tensor, *inputs: torch.Tensor | None) -> None:
+    """``out`` may be written in place: none of its elements share memory, and it does not
+    partially overlap an input (an input that *is* ``out``, element for element, is fine: every
+    element is read before it is written). The overlap with inputs needs storage addresses,
+    which ``torch.compile`` cannot trace: checked in eager mode only."""
+    if internal_overlap(out):
+        raise ValueError(f"{name} cannot be written in place: some of its elements share memory "
+                         f"(shape {_shape(out)}, strides {tuple(out.stride())}: an expand()-ed "
+                         f"or overlapping as_strided view), so the result would be added several "
+                         f"times; pass a tensor that owns its elements ({name}.clone()) or "
+                         "inplace=False")
+    if torch.compiler.is_compiling() or not out.numel():
+        return
+    lo, hi = _span(out)
+    for t in inputs:
+        if t is None or t is out or not t.numel():
+            continue
+        if (t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                and not (t.data_ptr() == out.data_ptr() and t.stride() == out.stride()
+                         and t.shape == out.shape)):
+            a, b = _span(t)
+            if a < hi and lo < b:
+                raise ValueError(f"{name} cannot be written in place: it partially overlaps "
+                                 f"another input of the op (shape {_shape(t)}), which would be "
+                                 f"read after parts of it were overwritten; pass a copy or "
+                                 "inplace=False")
+
+
+def has_row_view(t: torch.Tensor) -> bool:
+    """Whether ``t [..., C]`` has a ``[R, C]`` view with unit column stride (leading
+    dimensions that collapse into one row stride): what the kernels read in place."""
+    if t.is_contiguous():
+        return True
+    shape, stride = t.shape, t.stride()
+    if shape[-1] > 1 and stride[-1] != 1:
+        return False
+    nxt = None
+    for n, st in zip(reversed(shape[:-1]), reversed(stride[:-1])):
+        if n == 1:
+            continue
+        if nxt is not None and st != nxt:
+            return False
+        nxt = st * n
+    return True
+
+
+def n_bank(vectors: torch.Tensor) -> int:
+    """Bank rows of kernel-layout vectors: ``[N, H, Dh]`` / ``[N, C]``, or ``[C]`` (one)."""
+    return vectors.shape[0] if vectors.dim() >= 2 else 1
+
+
 @dataclass(frozen=True)
 class Rows:
     """The flat ``[R]`` per-row metadata a kernel needs: mask, bank index, sequence length."""
@@ -121,18 +202,18 @@ class Rows:
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t [..., C]`` as ``[R, C]`` with unit column stride; copies only when no view exists."""
-    c = t.shape[-1]
+    c, n = t.shape[-1], math.prod(t.shape[:-1])  # explicit rows: C = 0 has no -1 to infer
     try:
-        r = t.view(-1, c)
+        r = t.view(n, c)
     except RuntimeError:
-        r = t.reshape(-1, c)
+        r = t.reshape(n, c)
     return r if r.stride(-1) == 1 or c == 1 else r.contiguous()
 
 
 def row_meta(x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
              n_bank: int) -> Rows:
     lead = x.shape[:-1]
-    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    n_rows = math.prod(lead)
     m = None
     if mask is not None:  # read by the kernels in its own dtype: no conversion kernel
         m = torch.broadcast_to(mask, lead).reshape(-1)

@@ -8,18 +8,21 @@ run on that device, else None). ``"torch"`` has no launchers: ``ops.py`` runs th
 
 Launcher contract (every function takes and returns tensors on one device):
     steer_fwd(x, residual, vectors, gates, meta, out=None) -> out
-        ``out [R, C] = [residual +] x + mask * gates * vectors``; ``out`` may be ``x``.
+        ``out = [residual +] x + mask * gates * vectors``; ``out`` may be ``x`` or ``residual``.
     steer_colsum(grad, meta) -> [N, C] fp32
         per bank row, the sum over its rows of ``mask * grad``.
-    rmsnorm_fwd(residual, x, vectors, gates, weight, eps, weight_offset, meta)
-        -> (normed [R, C], new_residual [R, C], rstd [R] fp32)
+    rmsnorm_fwd(residual, x, vectors, gates, weight, eps, weight_offset, meta, out=None)
+        -> (normed, new_residual, rstd fp32 of the leading shape); ``new_residual`` goes into
+        ``out`` when given (contiguous rows; may be ``residual``).
     rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight, weight_offset,
-                need_dw, meta) -> (d new_residual [R, C], d weight [C] fp32 | None, [N, C] fp32)
-Activations are ``[R, C]`` row views with unit column stride (any row stride), vectors a
-contiguous bank ``[N, H, Dh]`` with gates ``[N, H]`` (``H = 1`` for the residual ops), and
-``meta`` the per-row metadata :class:`m2iv_kernels._checks.Rows`. Rows whose bank index lies
-outside ``[0, N)`` are left unsteered and get no vector gradient. Sums are fp32, and column
-sums (vector, gate and weight gradients) must be deterministic: same inputs, same bits.
+                need_dw, meta) -> (d new_residual, d weight [C] fp32 | None, [N, C] fp32)
+Activations are ``[..., C]`` tensors whose leading dimensions collapse into ``R`` rows of one
+row stride with unit column stride (``_checks.as_rows`` views; the ops copy when no such view
+exists); outputs have their shape. Vectors are a contiguous bank ``[N, H, Dh]`` with gates
+``[N, H]`` (the residual ops: ``H = 1``, also given as ``[N, C]`` / ``[C]`` with gates ``[N]`` /
+``[]``), and ``meta`` the per-row metadata :class:`m2iv_kernels._checks.Rows`. Rows whose bank
+index lies outside ``[0, N)`` are left unsteered and get no vector gradient. Sums are fp32, and
+column sums (vector, gate and weight gradients) must be deterministic: same inputs, same bits.
 
 The automatic choice, per device type: the first available backend whose rule there is
 ``"default"``; then every available backend whose rule is ``"if_faster"`` replaces it when a
@@ -37,7 +40,8 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["Backend", "BACKENDS", "available_backends", "resolve", "launchers"]
+__all__ = ["Backend", "BACKENDS", "available_backends", "resolve_backend", "resolve",
+           "launchers"]
 
 ENV_VAR = "M2IV_BACKEND"
 ANY = "*"  # a device-type key matching every device
@@ -123,6 +127,18 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, bo
     """
     dev = torch.device(device) if device is not None else default_device()
     return {b.name: unavailable(b.name, dev) or True for b in BACKENDS}
+
+
+def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
+    """The backend (``"triton"``, ``"ext"``, ``"torch"``, ...) that the ops run for ``backend``
+    on ``device`` (default: as :func:`available_backends`); ``auto`` honours ``M2IV_BACKEND``.
+
+    What a benchmark reports, and what to call once before a CUDA-graph capture or a
+    ``torch.compile`` of a steered model: ``auto`` is measured on the first plain call and
+    fixed from then on (a measurement that cannot be made yet is not cached). Raises for an
+    unknown or unavailable backend, with the reason.
+    """
+    return resolve(backend, torch.device(device) if device is not None else default_device())
 
 
 def _auto(device: torch.device) -> tuple[str, bool]:

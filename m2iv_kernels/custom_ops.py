@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import Rows
+from ._checks import Rows, n_bank
 from .backends import launchers
 
 __all__ = ["steer_fwd", "steer_colsum", "rmsnorm_fwd", "rmsnorm_bwd"]
@@ -39,7 +39,7 @@ def _register(schema: str, kernel, fake) -> None:
 
 
 def _steer_fwd(x, residual, vectors, gates, mask, index, rows_per_seq, backend):
-    meta = Rows(mask, index, rows_per_seq, vectors.shape[0])
+    meta = Rows(mask, index, rows_per_seq, n_bank(vectors))
     return launchers(backend).steer_fwd(x, residual, vectors, gates, meta)
 
 
@@ -57,7 +57,7 @@ def _steer_colsum_fake(grad, mask, index, rows_per_seq, n_bank, backend):
 
 def _rmsnorm_fwd(residual, x, vectors, gates, weight, eps, weight_offset, mask, index,
                  rows_per_seq, backend):
-    meta = Rows(mask, index, rows_per_seq, vectors.shape[0])
+    meta = Rows(mask, index, rows_per_seq, n_bank(vectors))
     return launchers(backend).rmsnorm_fwd(residual, x, vectors, gates, weight, eps,
                                           weight_offset, meta)
 
@@ -65,7 +65,7 @@ def _rmsnorm_fwd(residual, x, vectors, gates, weight, eps, weight_offset, mask, 
 def _rmsnorm_fwd_fake(residual, x, vectors, gates, weight, eps, weight_offset, mask, index,
                       rows_per_seq, backend):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return out, torch.empty_like(out), x.new_empty(x.shape[0], dtype=torch.float32)
+    return out, torch.empty_like(out), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight, weight_offset, mask,
@@ -117,12 +117,15 @@ def steer_colsum(backend: str, grad: torch.Tensor, meta: Rows) -> torch.Tensor:
 
 def rmsnorm_fwd(backend: str, residual: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor,
                 gates: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
-                meta: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                meta: Rows, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not torch.compiler.is_compiling():
         return launchers(backend).rmsnorm_fwd(residual, x, vectors, gates, weight, eps,
-                                              weight_offset, meta)
-    return _OPS.rmsnorm_fwd(residual, x, vectors, gates, weight, eps, weight_offset, meta.mask,
-                            meta.index, meta.rows_per_seq, backend)
+                                              weight_offset, meta, out)
+    normed, new_res, rstd = _OPS.rmsnorm_fwd(residual, x, vectors, gates, weight, eps,
+                                             weight_offset, meta.mask, meta.index,
+                                             meta.rows_per_seq, backend)
+    return normed, (new_res if out is None else out.copy_(new_res)), rstd
 
 
 def rmsnorm_bwd(backend: str, grad_normed: torch.Tensor, grad_residual: torch.Tensor | None,

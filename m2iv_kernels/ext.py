@@ -2,8 +2,9 @@
 
 Importing this module loads the extension (``ext_build.py`` builds it on first use). Nothing
 here raises: when the extension cannot be used, :data:`UNAVAILABLE` holds the one-line reason
-and ``backends.py`` reports it. Launchers follow the contract in ``backends.py``; the C++ side
-checks every layout again (cheaply), so a wrong call fails with an error, never bad memory.
+and ``backends.py`` reports it. Launchers follow the contract in ``backends.py`` and are one
+pybind call each: the C++ side takes the activations in their own shape, allocates the outputs
+and checks every layout again (cheaply), so a wrong call fails with an error, never bad memory.
 """
 from __future__ import annotations
 
@@ -37,10 +38,9 @@ def supports(device: torch.device) -> str | None:
 
 def steer_fwd(x: torch.Tensor, residual: torch.Tensor | None, vectors: torch.Tensor,
               gates: torch.Tensor, meta: Rows, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = [residual +] x + mask * gates * vectors`` on ``[R, C]`` rows (out may be x)."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    _C.steer_fwd(x, residual, out, vectors, gates, meta.mask, meta.index, meta.rows_per_seq)
-    return out
+    """``out = [residual +] x + mask * gates * vectors`` (out may be x or residual)."""
+    return _C.steer_fwd(x, residual, vectors, gates, meta.mask, meta.index, meta.rows_per_seq,
+                        out)
 
 
 def steer_colsum(grad: torch.Tensor, meta: Rows) -> torch.Tensor:
@@ -50,17 +50,18 @@ def steer_colsum(grad: torch.Tensor, meta: Rows) -> torch.Tensor:
 
 def rmsnorm_fwd(residual: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor,
                 gates: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
-                meta: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(normed [R, C], new_residual [R, C], rstd [R] fp32)``."""
-    return _C.rmsnorm_fwd(residual, x, vectors, gates, weight, float(eps), float(weight_offset),
-                          meta.mask, meta.index, meta.rows_per_seq)
+                meta: Rows, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(normed, new_residual, rstd)``; ``new_residual`` written into ``out`` when given."""
+    return _C.rmsnorm_fwd(residual, x, vectors, gates, weight, eps, weight_offset, meta.mask,
+                          meta.index, meta.rows_per_seq, out)
 
 
 def rmsnorm_bwd(grad_normed: torch.Tensor, grad_residual: torch.Tensor | None,
                 new_residual: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                 weight_offset: float, need_dw: bool, meta: Rows
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``(d new_residual [R, C], d weight [C] fp32 or None, per-bank sums [N, C] fp32)``."""
+    """``(d new_residual, d weight [C] fp32 or None, per-bank sums [N, C] fp32)``."""
     dy, dw, g = _C.rmsnorm_bwd(grad_normed, grad_residual, new_residual, rstd, weight,
                                float(weight_offset), bool(need_dw), meta.mask, meta.index,
                                meta.rows_per_seq, meta.n_bank)

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from . import triton_kernels as K
-from ._checks import Rows
+from ._checks import Rows, as_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FINGERPRINT = "triton:" + triton.__version__
@@ -192,13 +192,14 @@ def steer_colsum_plan(grad, meta: Rows, t: Target):
 
 
 def rmsnorm_fwd_plan(residual, x, vectors, gates, weight, eps, weight_offset, meta: Rows,
-                     t: Target):
+                     t: Target, out=None):
+    """``out``: where the new residual goes (contiguous rows; may be ``residual``)."""
     n_rows, n_cols = x.shape
     normed = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    new_res = torch.empty_like(normed)
+    new_res = torch.empty_like(normed) if out is None else out
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     outputs = normed, new_res, rstd
-    if n_rows == 0:
+    if n_rows == 0 or n_cols == 0:
         return [], outputs
     rows, block_c, warps = row_tiles(n_cols, t)
     rows = min(rows, triton.next_power_of_2(n_rows))
@@ -251,40 +252,56 @@ def rmsnorm_bwd_plan(grad_normed, grad_residual, new_residual, rstd, weight, wei
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: activations in their own shape ([..., C] with a row view), outputs in that shape;
+# the plans above work on the [R, C] row views and [N, H, Dh] banks.
+
+def _bank(vectors: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if vectors.dim() == 3:
+        return vectors, gates
+    n = gates.numel()  # one gate per bank row (C = 0 leaves -1 nothing to infer)
+    return vectors.view(n, 1, vectors.shape[-1]), gates.reshape(n, 1)
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else as_rows(t)
+
 
 def steer_fwd(x: torch.Tensor, residual: torch.Tensor | None, vectors: torch.Tensor,
               gates: torch.Tensor, meta: Rows, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = [residual +] x + mask * gates * vectors`` on ``[R, C]`` rows (out may be x)."""
-    launches, out = steer_fwd_plan(x, residual, vectors, gates, meta, out, target_of(x.device))
+    """``out = [residual +] x + mask * gates * vectors`` (out may be x or residual)."""
+    launches, y = steer_fwd_plan(as_rows(x), _rows(residual), *_bank(vectors, gates), meta,
+                                 _rows(out), target_of(x.device))
     _run(launches)
-    return out
+    return y.view(x.shape) if out is None else out
 
 
 def steer_colsum(grad: torch.Tensor, meta: Rows) -> torch.Tensor:
     """``[N, C]`` fp32: per bank row, the sum over its rows of ``mask * grad``."""
-    launches, out = steer_colsum_plan(grad, meta, target_of(grad.device))
+    launches, out = steer_colsum_plan(as_rows(grad), meta, target_of(grad.device))
     _run(launches)
     return out
 
 
 def rmsnorm_fwd(residual: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor,
                 gates: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
-                meta: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(normed [R, C], new_residual [R, C], rstd [R] fp32)``."""
-    launches, outputs = rmsnorm_fwd_plan(residual, x, vectors, gates, weight, eps,
-                                         weight_offset, meta, target_of(x.device))
+                meta: Rows, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(normed, new_residual, rstd)``; ``new_residual`` written into ``out`` when given."""
+    launches, (normed, new_res, rstd) = rmsnorm_fwd_plan(
+        as_rows(residual), as_rows(x), *_bank(vectors, gates), weight, eps, weight_offset, meta,
+        target_of(x.device), _rows(out))
     _run(launches)
-    return outputs
+    return (normed.view(x.shape), new_res.view(x.shape) if out is None else out,
+            rstd.view(x.shape[:-1]))
 
 
 def rmsnorm_bwd(grad_normed: torch.Tensor, grad_residual: torch.Tensor | None,
                 new_residual: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                 weight_offset: float, need_dw: bool, meta: Rows
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``(d new_residual [R, C], d weight [C] fp32 or None, per-bank sums [N, C] fp32)``."""
+    """``(d new_residual, d weight [C] fp32 or None, per-bank sums [N, C] fp32)``."""
     launches, (dy, g_sum, dw) = rmsnorm_bwd_plan(
-        grad_normed, grad_residual, new_residual, rstd, weight, weight_offset, need_dw, meta,
-        target_of(new_residual.device))
+        as_rows(grad_normed), _rows(grad_residual), as_rows(new_residual), rstd.reshape(-1),
+        weight, weight_offset, need_dw, meta, target_of(new_residual.device))
     _run(launches)
-    return dy, dw, g_sum
+    return dy.view(new_residual.shape), dw, g_sum

@@ -9,7 +9,10 @@ Modes: (a) zero-shot, unsteered; (b) zero-shot + M2IV through the fused patcher;
 + the same steering through plain forward hooks; (d) k-shot ICL with real interleaved
 image+text demonstrations. Then multi-task batches: K distinct vectors in one batch via the
 bank index, against one shared vector and against running each task's requests as its own
-batch (what per-request hook steering must do).
+batch (what per-request hook steering must do). Then what steering costs (a) vs (b) vs (c),
+timed interleaved (:mod:`m2iv.bench.overhead`): prefill and decode at batch 1 and the preset's
+decode batch, eager and compiled (``torch.compile(fullgraph=True)``, static cache), as medians
+of per-repetition ratios with their IQR.
 
 Peak memory of one prefill (activations + KV cache; weights excluded): on CUDA,
 ``torch.cuda.max_memory_allocated`` above the memory held before it. On the CPU, the PyTorch
@@ -24,15 +27,15 @@ import contextlib
 import datetime as dt
 import gc
 import inspect
-import time
 from pathlib import Path
 
 import torch
 
 from ..testing.reference import add_steering_hooks
 from .._extras import missing
-from .common import (device_tag, kineto_quiet, machine_info, print_table, sync, time_ms,
-                     write_results)
+from . import overhead
+from .common import device_tag, kineto_quiet, machine_info, print_table, time_ms, write_results
+from .overhead import decode_seconds
 from .presets import PRESETS, Preset, apply_overrides, build_model, context_window, make_inputs
 
 SHOTS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -94,31 +97,6 @@ class PeakMemory:
             running += e.cpu_memory_usage
             self.peak = max(self.peak, running)
         return False
-
-
-class _Clock:
-    """A stopping criterion that timestamps every generated token (never stops generation)."""
-
-    def __init__(self, device):
-        self.device, self.stamps = device, []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def decode_seconds(model, inputs: dict, steps: int, device: torch.device) -> float:
-    """Seconds between the first and the last of ``steps + 1`` greedy tokens: decode only,
-    the prefill excluded."""
-    from transformers import StoppingCriteriaList
-
-    clock = _Clock(device)
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
-                       do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
-                       pad_token_id=0)
-    return clock.stamps[-1] - clock.stamps[0]
 
 
 def decode_tps(model, inputs: dict, steps: int, device: torch.device, repeats: int) -> float:
@@ -253,20 +231,26 @@ def run(preset: Preset, args) -> tuple[list[dict], list[dict]]:
 
     tasks = run_multitask(model, preset, vectors, device, args, bar)
     bar.close()
-    return rows, tasks
+    compiled = {"both": (False, True), "eager": (False,), "compiled": (True,),
+                "none": ()}[args.overhead]
+    costs = overhead.run(
+        model, vectors, lambda b: make_inputs(preset, model, 0, batch=b, seed=3)[0],
+        batches=(1, preset.decode_batch), compiled=compiled, steps=preset.decode_steps,
+        reps=args.overhead_reps, device=device, backend=args.backend,
+        progress=lambda label: print(f"steering cost: {label} ...", flush=True)) \
+        if compiled else []
+    return rows, tasks, costs
 
 
 def _ratios(rows: list[dict], preset: Preset) -> None:
-    """Overheads vs (a) and the ICL-vs-M2IV speedups, in place."""
+    """The ICL-vs-M2IV speedups, in place. (What steering costs against (a) is measured
+    interleaved, by :mod:`m2iv.bench.overhead`: these rows are timed one after another.)"""
     by = {r["mode"][:1]: r for r in rows if r["mode"][:1] in "abc" and r.get("status") == "ok"}
-    a, b = by.get("a"), by.get("b")
+    b = by.get("b")
     dec = f"decode_tps_b{preset.decode_batch}"
     for r in rows:
-        if r.get("status") != "ok" or not a or not b:
+        if r.get("status") != "ok" or not b:
             continue
-        if r["mode"][:1] in "bc":
-            r["prefill_overhead_vs_unsteered"] = r["prefill_ms"] / a["prefill_ms"]
-            r["decode_b1_slowdown_vs_unsteered"] = a["decode_tps_b1"] / r["decode_tps_b1"]
         if r["mode"].startswith("d"):
             r["m2iv_prefill_speedup"] = r["prefill_ms"] / b["prefill_ms"]
             r["m2iv_decode_speedup"] = b[dec] / r[dec]
@@ -330,22 +314,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per prefill")
     p.add_argument("--decode-repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=None, help="results directory")
+    p.add_argument("--overhead", choices=("both", "eager", "compiled", "none"), default="both",
+                   help="what steering costs, (a) vs (b) vs (c) interleaved: eager, compiled "
+                        "(torch.compile + static cache; compiling takes minutes on a CPU), "
+                        "both (default) or none")
+    p.add_argument("--overhead-reps", type=int, default=15,
+                   help="interleaved repetitions of the steering-cost measurement")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results directory (default: a new one under runs/)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--smoke", action="store_true",
-                   help="seconds-long run: 2 shots, K in {1, 4}, tiny timing budgets")
+                   help="seconds-long run: 2 shots, K in {1, 4}, tiny timing budgets, eager "
+                        "steering cost only")
 
 
-def plots_if_possible(rows, tasks, preset: Preset, meta: dict, stem: Path) -> list[Path]:
+def plots_if_possible(rows, tasks, preset: Preset, meta: dict, stem: Path,
+                      costs: list[dict] = ()) -> list[Path]:
     """The PNG plots, or none (said in one line) where matplotlib is not installed: the
     tables and result files matter more than the pictures."""
     why = missing("matplotlib", "the plots")
     if why is not None:
         print(f"note: {why}; skipped them")
         return []
-    from .plots import plot_icl
+    from .plots import plot_icl, plot_overhead
 
-    return plot_icl(rows, tasks, preset, meta, stem)
+    files = plot_icl(rows, tasks, preset, meta, stem)
+    if costs:
+        files.append(plot_overhead(costs, f"{preset.name} on {meta['device']}", stem))
+    return files
 
 
 def main_from_args(args) -> dict:
@@ -355,7 +351,9 @@ def main_from_args(args) -> dict:
     if args.smoke:
         preset = apply_overrides(preset, ["decode_steps=4", "decode_batch=2"])
         args.shots, args.tasks, args.multitask_batch = [1, 2, 64], [1, 4], 8
-        args.budget, args.decode_repeats = 0.05, 1
+        args.budget, args.decode_repeats, args.overhead_reps = 0.05, 1, 2
+        if args.overhead == "both":
+            args.overhead = "eager"
     device = torch.device(args.device)
     meta = {**machine_info(device), "preset": preset.name, "preset_config":
             {"family": preset.family, "text": preset.text, "vision": preset.vision,
@@ -363,26 +361,30 @@ def main_from_args(args) -> dict:
              "decode_steps": preset.decode_steps, "decode_batch": preset.decode_batch},
             "backend": args.backend}
     print(f"m2iv bench: {preset.name} ({preset.description}) on {meta['device']}")
-    rows, tasks = run(preset, args)
+    rows, tasks, costs = run(preset, args)
     cols = ["mode", "prompt_tokens", "status", "prefill_ms", "decode_tps_b1",
             f"decode_tps_b{preset.decode_batch}", "peak_mem_MB", "kv_cache_MB",
-            "prefill_overhead_vs_unsteered", "m2iv_prefill_speedup", "m2iv_decode_speedup",
-            "m2iv_memory_ratio"]
+            "m2iv_prefill_speedup", "m2iv_decode_speedup", "m2iv_memory_ratio"]
     print()
     print_table(rows, cols)
     print()
     print_table(tasks, ["K", "batch", "shared_vector_tps", "bank_fused_tps",
                         "split_per_task_hooks_tps", "bank_vs_shared", "split_vs_shared"])
-    out_dir = args.out or results_dir()
+    if costs:
+        print("\nwhat steering costs, interleaved (time ratios: median of per-repetition "
+              "ratios, p25-p75; below 1 = cheaper):")
+        print_table(costs, [c for c in overhead.COLUMNS if any(c in r for r in costs)])
+    out_dir = args.out or results_dir(preset.name)
     stem = f"{preset.name}-{device_tag(device)}-{dt.date.today().isoformat()}" + (
         "-smoke" if args.smoke else "")
-    js, cs = write_results(stem, rows + [{"mode": "multi-task", **t} for t in tasks], meta,
+    js, cs = write_results(stem, rows + [{"mode": "multi-task", **t} for t in tasks]
+                           + [{"mode": "steering cost", **c} for c in costs], meta,
                            out_dir=out_dir)
     files = [js, cs]
     if not args.no_plots:
-        files += plots_if_possible(rows, tasks, preset, meta, out_dir / stem)
+        files += plots_if_possible(rows, tasks, preset, meta, out_dir / stem, costs)
     print("\nwrote " + ", ".join(str(f) for f in files))
-    return {"rows": rows, "tasks": tasks, "files": files}
+    return {"rows": rows, "tasks": tasks, "costs": costs, "files": files}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -48,7 +48,8 @@ def _vs_shots(ax, rows, key, ylabel, title):
 
 
 def plot_icl(rows: list[dict], tasks: list[dict], preset, meta: dict, stem: Path) -> list[Path]:
-    """Write ``<stem>-latency.png``, ``-memory.png``, ``-overhead.png``, ``-multitask.png``."""
+    """Write ``<stem>-latency.png``, ``-memory.png``, ``-multitask.png`` (the steering cost:
+    :func:`plot_overhead`)."""
     where = f"{preset.name} on {meta['device']}"
     files = []
 
@@ -62,23 +63,6 @@ def plot_icl(rows: list[dict], tasks: list[dict], preset, meta: dict, stem: Path
               f"Peak memory vs shots: {where}")
     _vs_shots(axes[1], rows, "kv_cache_MB", "KV cache (MiB)", "KV-cache size vs shots")
     files.append(_save(fig, stem, "memory"))
-
-    flat = [r for r in rows if r["mode"][:1] in "abc" and r.get("status") == "ok"]
-    dec = f"decode_tps_b{preset.decode_batch}"
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    for ax, key, label in zip(axes, ["prefill_ms", "decode_tps_b1", dec],
-                              ["prefill (ms, lower is better)", "decode tok/s, batch 1",
-                               f"decode tok/s, batch {preset.decode_batch}"]):
-        ax.bar([r["mode"][3:] for r in flat], [r[key] for r in flat],
-               color=[_COLORS[r["mode"][0]] for r in flat])
-        base = flat[0][key] if flat else 1
-        for i, r in enumerate(flat):
-            ax.annotate(f"{r[key] / base:.2f}x", (i, r[key]), ha="center", va="bottom",
-                        fontsize=8)
-        ax.set_title(label, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"Steering overhead (zero-shot): {where}", fontsize=10)
-    files.append(_save(fig, stem, "overhead"))
 
     ok = [t for t in tasks if t.get("status") == "ok"]
     if ok:
@@ -97,6 +81,31 @@ def plot_icl(rows: list[dict], tasks: list[dict], preset, meta: dict, stem: Path
         ax.legend(fontsize=8)
         files.append(_save(fig, stem, "multitask"))
     return files
+
+
+def plot_overhead(costs: list[dict], where: str, stem: Path) -> Path:
+    """``<stem>-overhead.png``: per case, the interleaved time ratios of fused and hooks to
+    unsteered (median, IQR whiskers); below the line at 1, steering costs less than nothing."""
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(costs) + 2), 4.2))
+    width = 0.38
+    for k, (mode, color) in enumerate((("fused", _COLORS["b"]), ("hooks", _COLORS["c"]))):
+        key = f"{mode}/unsteered"
+        for i, c in enumerate(costs):
+            if key not in c:
+                continue
+            x = i + (k - 0.5) * width
+            med, lo, hi = c[key], c.get(f"{key}_p25", c[key]), c.get(f"{key}_p75", c[key])
+            ax.bar(x, med - 1.0, width, bottom=1.0, color=color, alpha=0.8,
+                   label=mode if i == 0 else None)
+            ax.errorbar(x, med, yerr=[[med - lo], [hi - med]], color="black", capsize=3, lw=1)
+    ax.axhline(1.0, color="gray", lw=1)
+    ax.set_xticks(range(len(costs)),
+                  [f"{c['phase']}\nb={c['batch']} {c['exec']}" for c in costs], fontsize=8)
+    ax.set_ylabel("time / unsteered (median, IQR)")
+    ax.set_title(f"What steering costs, interleaved: {where}", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, stem, "overhead")
 
 
 def _save(fig, stem: Path, name: str) -> Path:

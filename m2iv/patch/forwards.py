@@ -3,13 +3,16 @@ forward, and the top-level forward that computes the positions mask.
 
 The wrapper does what every style needs: binds positional arguments to the layer forward's
 parameter names, drops the keyword arguments the family table says the original consumes
-itself, switches to the original forward at strength 0 (bit-identical), redoes the class's
-gradient checkpointing (an instance forward bypasses it), and looks up the layer's steering
-state per call (``set_vectors`` swaps states without re-patching). The body (a
+itself, switches to the original forward at strength 0 in eager mode (bit-identical), redoes
+the class's gradient checkpointing (an instance forward bypasses it), and asks the patch for
+the layer's steering of this forward (:meth:`Steering.inject`). The body (a
 :class:`~m2iv.patch.styles.Style`'s) only says where the norms, branches and residual adds are.
 
 A forward reads its patch through the small interface :class:`Steering` (implemented by
-:class:`~m2iv.patch.handle.PatchHandle`).
+:class:`~m2iv.patch.handle.PatchHandle`). Under ``torch.compile`` nothing here reads a Python
+value that ``set_strength``, ``set_vectors`` or ``select`` change: those change tensors the
+graph reads (the banks, the bank index), so a compiled model follows them without recompiling;
+the strength-0 shortcut is an eager-mode speed-up (compiled, strength 0 adds zeros).
 """
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-
-import m2iv_kernels as mk
 
 from ..families import LayerSpec
 from .styles import Inject
@@ -33,14 +34,10 @@ _CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 class Steering(Protocol):
     """What a rebound forward reads from its patch, per call."""
 
-    strength: float
-    backend: str
+    strength: float  # 0: eager forwards run the original (read only outside compiled graphs)
 
-    def layer_tensors(self, index: int, device: torch.device) -> dict[str, torch.Tensor]: ...
-
-    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None: ...
-
-    def index_for(self, x: torch.Tensor) -> torch.Tensor | None: ...
+    def inject(self, index: int, x: torch.Tensor) -> Inject:
+        """The steering of decoder layer ``index`` in this forward (hidden states ``x``)."""
 
 
 def _param_names(fn: Callable) -> list[str]:
@@ -93,14 +90,12 @@ def make_layer_forward(steering: Steering, spec: LayerSpec,
             kwargs.update(zip(names, args))
         for k in drop_kwargs:
             kwargs.pop(k, None)
-        s = Inject(steering.layer_tensors(idx, hidden_states.device),
-                   steering.mask_for(hidden_states), steering.index_for(hidden_states),
-                   steering.backend)
-        return body(parts, hidden_states, kwargs, s)
+        return body(parts, hidden_states, kwargs, steering.inject(idx, hidden_states))
 
     def make(original: Callable) -> Callable:
         def forward(module, hidden_states, *args, **kwargs):
-            if steering.strength == 0.0:  # off: the original forward, bit-identical
+            # off: the original forward, bit-identical (eager; a graph must not bake it in)
+            if not torch.compiler.is_compiling() and steering.strength == 0.0:
                 return original(hidden_states, *args, **kwargs)
             if ckpt:
                 return _maybe_checkpoint(module, impl, hidden_states, args, kwargs)
@@ -116,12 +111,8 @@ def make_o_proj_forward(steering: Steering, index: int) -> Callable[[Callable], 
 
     def make(original: Callable) -> Callable:
         def forward(module, x, *args, **kwargs):
-            if steering.strength != 0.0:
-                t = steering.layer_tensors(index, x.device)
-                inplace = not torch.is_grad_enabled() and not x.requires_grad
-                x = mk.head_steer(x, t["a"], t["alpha"], mask=steering.mask_for(x),
-                                  index=steering.index_for(x), inplace=inplace,
-                                  backend=steering.backend)
+            if torch.compiler.is_compiling() or steering.strength != 0.0:
+                x = steering.inject(index, x).head(x)
             return original(x, *args, **kwargs)
 
         return forward

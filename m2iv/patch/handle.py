@@ -1,5 +1,14 @@
 """The live patch of one model (:class:`PatchHandle`): its settings, its per-layer steering
-states, and installing / removing its rebound forwards."""
+states, and installing / removing its rebound forwards.
+
+Everything a forward needs is prepared when it is handed over, never per layer call: the
+vectors are checked and placed (``patch_model``, :meth:`PatchHandle.set_vectors`), the banks
+rewritten in place (:meth:`~PatchHandle.set_strength`), the per-sequence bank index kept in
+per-batch-size buffers rewritten in place (:meth:`~PatchHandle.select`), the token rows made
+once per forward. In eager mode each forward of the patched module also checks, cheaply,
+whether the vectors' values or a folded o_proj weight changed in place since, and recomputes
+what depends on them; a compiled graph cannot run that check (:meth:`~PatchHandle.refresh`).
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +18,9 @@ from typing import Any
 import torch
 
 import m2iv_kernels as mk
+from m2iv_kernels import prepared
+from m2iv_kernels._checks import Rows
+from m2iv_kernels.prepared import NO_ROWS
 
 from ..errors import VectorsFormatError
 from ..families import LayerSpec, ModelInfo, module_device
@@ -19,6 +31,7 @@ from .forwards import make_layer_forward, make_o_proj_forward, make_top_forward
 from .positions import Positions
 from .rebind import OWNER, Rebind
 from .state import LayerState
+from .styles import Inject
 
 __all__ = ["PatchHandle", "handles_touching"]
 
@@ -45,8 +58,13 @@ class PatchHandle:
         self._active = False
         self._replaced_by: PatchHandle | None = None
         self._vectors, self._vec_grad, self._states = self._prepare(vectors)
+        self._set_sources(self._vectors)
         self._index_value: torch.Tensor | int | None = None
-        self._index_dev: dict[torch.device, torch.Tensor] = {}
+        # (device, batch size) -> the [B] bank index; select() rewrites them in place
+        self._index_bufs: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._rows_cache: tuple | None = None
+        self._in_forward = False
+        self._set_plain()
         if index is not None:
             self._index_value = self._check_index(index, self._vectors)
         self._top: Rebind | None = None
@@ -108,20 +126,28 @@ class PatchHandle:
             index = None
         same_layout = (list(states) == list(self._states) and all(
             states[i].mode == self._states[i].mode for i in states))
-        if same_layout:
-            self._vectors, self._vec_grad, self._states = new_vectors, vec_grad, states
-            self._index_value = index
+        if same_layout:  # the banks a compiled graph reads take the new values in place
+            for i, st in self._states.items():
+                st.adopt(states[i])
+            self._vectors, self._vec_grad = new_vectors, vec_grad
+            self._set_sources(new_vectors)
+            self._set_index(index)
+            self._set_plain()
             return
         old = (self._vectors, self._vec_grad, self._states, self._index_value)
         self._uninstall_layers()
         self._vectors, self._vec_grad, self._states = new_vectors, vec_grad, states
-        self._index_value = index
-        self._index_dev = {}
+        self._set_sources(new_vectors)
+        self._set_index(index)
+        self._set_plain()
         try:
             self._install_layers()
         except BaseException:
             self._uninstall_layers()
-            self._vectors, self._vec_grad, self._states, self._index_value = old
+            self._vectors, self._vec_grad, self._states, index = old
+            self._set_sources(self._vectors)
+            self._set_plain()
+            self._set_index(index)
             self._install_layers()
             raise
 
@@ -130,18 +156,29 @@ class PatchHandle:
         off entirely (the patched layers run their original forward)."""
         self._check_live()
         self._strength = _check_strength(strength)
+        for st in self._states.values():
+            st.set_strength(self._strength)
 
     def select(self, index: torch.Tensor | Any | int | None) -> None:
         """Pick the bank row for each sequence: an int (every sequence), or ints ``[B]``;
         ``None`` clears the selection."""
         self._check_live()
-        self._index_value = None if index is None else self._check_index(index, self._vectors)
-        self._index_dev = {}
+        self._set_index(None if index is None else self._check_index(index, self._vectors))
+
+    def refresh(self) -> None:
+        """Recompute everything derived from the vectors' values and the folded o_proj weights.
+        Eager forwards do this by themselves when those tensors were changed in place; a
+        ``torch.compile``-d model reads the prepared tensors without checking, so call this
+        after editing vectors or o_proj weights in place (``set_vectors``, ``set_strength`` and
+        ``select`` need nothing)."""
+        self._check_live()
+        self._refresh(force=True)
 
     def set_positions(self, positions: Any) -> None:
         """Change which tokens are steered (see :mod:`m2iv.patch.positions`)."""
         self._check_live()
         self._pos = Positions(positions, self.info.image_token_ids, type(self.model).__name__)
+        self._set_plain()
 
     def remove(self) -> None:
         """Unpatch: restore every rebound forward exactly. Idempotent."""
@@ -162,36 +199,101 @@ class PatchHandle:
 
     # ------------------------------------------------------------------ Steering (forwards)
 
-    def layer_tensors(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
-        st = self._states[index]  # looked up per call: set_vectors swaps the states
-        return st.tensors(self._strength, device, grad=self._vec_grad and torch.is_grad_enabled())
+    def inject(self, index: int, x: torch.Tensor) -> Inject:
+        """The steering of decoder layer ``index`` for this forward (hidden states ``x``)."""
+        st = self._states[index]  # looked up per call: set_vectors may swap the states
+        if torch.is_grad_enabled():  # autograd records the public ops
+            t = (st.tensors(self._strength, x.device) if self._vec_grad
+                 else st.public_tensors())
+            return Inject(st, None, t, self._pos.mask_for(x), self.index_for(x))
+        if not torch.compiler.is_compiling():
+            if x.device != st.device:  # the model moved (or an offloading hook)
+                st.refresh(device=x.device)
+            elif not self._in_forward:  # a layer called outside the patched module
+                self._refresh(only=st)
+            if self._every_token:  # no mask, no bank: the layer's one prepared Inject
+                return st.inject
+        return Inject(st, self._rows(x))
 
-    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self._pos.mask_for(x)
+    def _set_plain(self) -> None:
+        """Whether every token is steered by one vector set (no mask, no bank index)."""
+        self._every_token = self._pos.kind == "all" and not self._vectors.is_bank
+
+    def _rows(self, x: torch.Tensor) -> Rows:
+        """This forward's token rows (mask, bank index), made once and shared by the layers."""
+        mask, index = self._pos.mask_for(x), self.index_for(x)
+        if mask is None and index is None:
+            return NO_ROWS
+        if torch.compiler.is_compiling():
+            return prepared.rows(mask, index, x, self._vectors.n_bank or 1)
+        lead = x.shape[:-1]
+        c = self._rows_cache
+        if c is None or c[0] is not mask or c[1] is not index or c[2] != lead:
+            c = self._rows_cache = (mask, index, lead,
+                                    prepared.rows(mask, index, x, self._vectors.n_bank or 1))
+        return c[3]
 
     def index_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The ``[B]`` bank row per sequence on ``x``'s device (None for a single set)."""
         if not self._vectors.is_bank:
             return None
+        key = (x.device, x.shape[0])
+        buf = self._index_bufs.get(key)
+        if buf is not None:
+            return buf
         value = self._index_value
         if value is None:
             raise ValueError(f"the patched vectors are a bank of {self._vectors.n_bank}: call "
                              "handle.select(index) (an int, or one int per sequence) first")
         batch = x.shape[0]
-        cached = self._index_dev.get(x.device)
-        if cached is not None and cached.shape[0] == batch:
-            return cached
-        if isinstance(value, int):
-            t = torch.full((batch,), value, dtype=torch.long, device=x.device)
-        else:
-            if value.shape[0] != batch:
-                raise ValueError(f"select() was given {value.shape[0]} bank indices but the "
-                                 f"batch has {batch} sequences")
-            t = value.to(x.device)
-        self._index_dev[x.device] = t
-        return t
+        if not isinstance(value, int) and value.shape[0] != batch:
+            raise ValueError(f"select() was given {value.shape[0]} bank indices but the "
+                             f"batch has {batch} sequences")
+        with torch.inference_mode(False):  # select() rewrites it, also outside inference mode
+            buf = (torch.full((batch,), value, dtype=torch.long, device=x.device)
+                   if isinstance(value, int) else value.to(x.device, copy=True))
+        self._index_bufs[key] = buf
+        return buf
+
+    def _set_index(self, value: torch.Tensor | int | None) -> None:
+        """Take a checked selection: rewrite the index buffers in place (compiled graphs keep
+        reading them); drop those whose batch size no longer fits."""
+        self._index_value = value
+        for key, buf in list(self._index_bufs.items()):
+            if value is None or (not isinstance(value, int) and value.shape[0] != key[1]):
+                del self._index_bufs[key]
+            elif isinstance(value, int):
+                buf.fill_(value)
+            else:
+                buf.copy_(value)
+        self._rows_cache = None
 
     def _run_top(self, sig, original, args, kwargs):
-        return self._pos.run(sig, original, args, kwargs)
+        if torch.compiler.is_compiling() or self._in_forward:
+            return self._pos.run(sig, original, args, kwargs)
+        self._refresh()
+        self._in_forward = True
+        try:
+            return self._pos.run(sig, original, args, kwargs)
+        finally:
+            self._in_forward = False
+
+    def _set_sources(self, vectors: M2IV) -> None:
+        """Remember the vectors' tensors and their versions (in-place edits bump them)."""
+        self._source_tensors = tuple(vectors.tensors().values())
+        self._sources = tuple(t._version for t in self._source_tensors)
+
+    def _refresh(self, force: bool = False, only: LayerState | None = None) -> None:
+        """Once per eager forward: recompute the banks of layers whose inputs changed in place
+        (the vectors' values: every layer; a folded o_proj weight: its layer, or ``only``)."""
+        versions = tuple(t._version for t in self._source_tensors)
+        changed = force or versions != self._sources
+        if changed:
+            _check_data(self._vectors)  # values written in place since they were checked
+            self._sources = versions
+        for st in (self._states.values() if changed or only is None else (only,)):
+            if changed or st.stale():
+                st.refresh()
 
     # ------------------------------------------------------------------ preparation
 
@@ -209,12 +311,10 @@ class PatchHandle:
         wanted = {i: self._wanted_mode(self.info.layer(i)) for i in vectors.layers}
         modes = verify.confirm_modes(self.info, wanted, allow_head=self._mha_mode == "auto",
                                      mute=handles_touching(self.model, self.info))
-        states = {i: LayerState(self.info.layer(i), slot, modes[i], vectors)
-                  for slot, i in enumerate(vectors.layers)}
+        # each layer's banks on its device now (device_map aware), the backend resolved there
+        states = {i: LayerState(self.info.layer(i), slot, modes[i], vectors, self._strength,
+                                self._backend) for slot, i in enumerate(vectors.layers)}
         vec_grad = any(t.requires_grad for t in vectors.tensors().values())
-        if not vec_grad:  # place each layer's vectors on its device now (device_map aware)
-            for st in states.values():
-                st.tensors(self._strength, st.device)
         return vectors, vec_grad, states
 
     def _wanted_mode(self, spec: LayerSpec) -> str:
@@ -272,6 +372,12 @@ class PatchHandle:
 
     def _install_layers(self) -> None:
         drop = self.info.attn_drop_kwargs
+        for i, st in self._states.items():  # fused across the boundary where it is exact
+            nxt = self._states.get(i + 1)
+            st.next_input = nxt if (nxt is not None and nxt.device == st.device
+                                    and nxt.facts.get("input") is not None
+                                    and self.info.layers[i + 1] is nxt.spec.module) else None
+            st.pre = None
         for i, st in self._states.items():
             spec = st.spec
             self._rebind(spec.module, make_layer_forward(self, spec, drop))
@@ -300,7 +406,7 @@ class PatchHandle:
             self._top = None
         self._active = False
         self._pos.reset()
-        self._index_dev = {}
+        self._rows_cache = None
 
 
 # ---------------------------------------------------------------------- argument checks

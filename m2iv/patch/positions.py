@@ -21,7 +21,8 @@
   Beam search reorders the cache but not this buffer: use greedy/sampling with callables.
 
 The mask is computed once per forward of the patched (top-level) module and handed to every
-steered layer as float32 on that layer's device.
+steered layer as a contiguous bool tensor on that layer's device (the kernels read bool masks
+as they are).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class Positions:
             self._mask, self._mask_dev = saved if self._depth else (None, {})
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The float32 ``[B, T]`` mask for hidden states ``x`` on ``x``'s device (None: all)."""
+        """The bool ``[B, T]`` mask for hidden states ``x`` on ``x``'s device (None: all)."""
         if self.kind == "all":
             return None
         if self._depth > 0:
@@ -116,10 +117,8 @@ class Positions:
             raise RuntimeError(f"positions mask of shape {tuple(mask.shape)} does not match the "
                                f"hidden states {tuple(x.shape[:2])} of a steered layer")
         dev = self._mask_dev.get(x.device, _MISSING)
-        if dev is _MISSING:
-            # float32 once per forward and device: the kernels' own layout, so no steered
-            # layer converts the mask again (row_meta's .to/.contiguous become no-ops)
-            dev = self._mask_dev[x.device] = mask.to(x.device, torch.float32)
+        if dev is _MISSING:  # once per forward and device: no steered layer converts it again
+            dev = self._mask_dev[x.device] = mask.to(x.device).contiguous()
         return dev
 
     def _compute(self, sig: inspect.Signature | None, args, kwargs) -> torch.Tensor | None:
@@ -173,8 +172,8 @@ class Positions:
             mask = mask.to(ref.device)
         else:
             mask = self._from_callable(ids, past, batch, seq, ref.device)
-        if bool(mask.all()):
-            return None  # every token steered: the unmasked fast path
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            return None  # every token steered: the unmasked fast path (eager: a sync)
         return mask
 
     def _from_callable(self, ids, past: int, batch: int, seq: int, device) -> torch.Tensor:

@@ -88,13 +88,19 @@ class Parts:
 
 class Inject:
     """The steering of one layer for one forward: the MHA term rides on the residual add of
-    the attention branch (``c``: folded through o_proj, or zeros in head mode where
-    ``head_steer`` already added it), the MLP vector on that of the MLP branch."""
+    the attention branch (``attn``: folded through o_proj, or zeros in head mode where
+    :meth:`head` adds it on the o_proj input), the MLP vector on that of the MLP branch.
 
-    __slots__ = ("t", "mask", "index", "backend")
+    Inference (``t`` None) calls the layer's prepared entry on its banks
+    (:mod:`m2iv_kernels.prepared`: no validation or dispatch per call) with this forward's
+    token ``rows``. With autograd on, ``t`` holds tensors computed in this forward and the
+    public ops record the backward (``mask``, ``index`` as they take them).
+    """
 
-    def __init__(self, t: dict, mask, index, backend: str):
-        self.t, self.mask, self.index, self.backend = t, mask, index, backend
+    __slots__ = ("state", "rows", "t", "mask", "index")
+
+    def __init__(self, state, rows, t: dict | None = None, mask=None, index=None):
+        self.state, self.rows, self.t, self.mask, self.index = state, rows, t, mask, index
 
     def _vector(self, branch: str):
         return (self.t["c"], self.t["c_gate"]) if branch == "attn" else \
@@ -102,43 +108,91 @@ class Inject:
 
     def add(self, residual: torch.Tensor, x: torch.Tensor, branch: str) -> torch.Tensor:
         """``residual + x + m * gate * vector`` in one pass."""
+        st = self.state
+        if self.t is None:
+            return st.entry.add(residual, x, st.banks[branch], self.rows)
         v, g = self._vector(branch)
         return mk.steer_add(residual, x, v, g, mask=self.mask, index=self.index,
-                            backend=self.backend)
+                            backend=st.backend)
 
     def add_then_norm(self, residual: torch.Tensor, x: torch.Tensor, branch: str,
-                      norm: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(norm(h), h)`` with ``h = residual + x + m * gate * vector``: one fused pass when
-        ``norm`` is an RMSNorm the op can compute (:func:`rms_norm_fact`), else the add and
-        the layer's own norm module."""
-        fact = rms_norm_fact(norm) if norm is not None else None
+                      role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(h), h)`` with ``h = residual + x + m * gate * vector`` and ``norm`` the
+        layer's norm in ``role`` (none: identity): one fused pass where that norm is an RMSNorm
+        the op computes (:func:`rms_norm_fact`, decided when the layer was patched), else the
+        add and the layer's own norm module."""
+        st = self.state
+        norm = st.spec.parts.norms.get(role)
+        fact = st.facts.get(role)
         if fact is None:
             h = self.add(residual, x, branch)
             return (h if norm is None else norm(h)), h
+        if self.t is None:
+            return st.entry.add_rmsnorm(residual, x, st.banks[branch], norm.weight, fact[1],
+                                        fact[0], self.rows)
         v, g = self._vector(branch)
         return mk.steer_add_rmsnorm(residual, x, v, g, norm.weight, fact[1],
                                     weight_offset=fact[0], mask=self.mask, index=self.index,
-                                    backend=self.backend)
+                                    backend=st.backend)
+
+    def input_norm(self, p: Parts, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input norm of ``x``, taken from the previous layer where that one
+        computed it in its fused output add (:meth:`finish`) on this very tensor, unmodified
+        since (same object, same version); else the layer's own norm module."""
+        st = self.state
+        pre = st.pre
+        if pre is not None:
+            st.pre = None
+            if pre[0] is x and pre[2] == x._version:
+                return pre[1]
+        return p.norm("input", x)
+
+    def finish(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output ``residual + x + m * beta * b``. Where the next decoder layer is
+        patched and starts with an RMSNorm the op computes, the same pass also normalises the
+        output for it (eager inference; the residual stream's add + RMSNorm fused across the
+        layer boundary, as serving engines do), handed over by :meth:`input_norm`. Not under
+        inference mode, whose tensors carry no version to prove the output unmodified."""
+        st = self.state
+        nxt = st.next_input
+        if (nxt is None or self.t is not None or torch.compiler.is_compiling()
+                or torch.is_inference_mode_enabled()):
+            return self.add(residual, x, "mlp")
+        norm = nxt.spec.parts.norms["input"]
+        offset, eps = nxt.facts["input"]
+        normed, out = st.entry.add_rmsnorm(residual, x, st.banks["mlp"], norm.weight, eps,
+                                           offset, self.rows)
+        nxt.pre = (out, normed, out._version)
+        return out
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Head mode: the per-head MHA vectors added to the o_proj input (in place when no
+        autograd records it)."""
+        st = self.state
+        if self.t is None:
+            return st.entry.head(x, st.banks["heads"], self.rows, inplace=True)
+        return mk.head_steer(x, self.t["a"], self.t["alpha"], mask=self.mask, index=self.index,
+                             backend=st.backend)
 
 
 # ------------------------------------------------------------------------------ the bodies
 
 def _pre_norm(p: Parts, x: torch.Tensor, kwargs: dict, s: Inject) -> torch.Tensor:
-    a = p.branch("attn", p.attn(p.norm("input", x), kwargs))
-    normed, h = s.add_then_norm(x, a, "attn", p.norms.get("post_attn"))
-    return s.add(h, p.branch("mlp", p.mlp(normed)), "mlp")
+    a = p.branch("attn", p.attn(s.input_norm(p, x), kwargs))
+    normed, h = s.add_then_norm(x, a, "attn", "post_attn")
+    return s.finish(h, p.branch("mlp", p.mlp(normed)))
 
 
 def _sandwich(p: Parts, x: torch.Tensor, kwargs: dict, s: Inject) -> torch.Tensor:
-    a = p.norm("post_attn", p.attn(p.norm("input", x), kwargs))  # MHA: head space only
-    normed, h = s.add_then_norm(x, a, "attn", p.norms.get("pre_ff"))
-    return s.add(h, p.norm("post_ff", p.mlp(normed)), "mlp")
+    a = p.norm("post_attn", p.attn(s.input_norm(p, x), kwargs))  # MHA: head space only
+    normed, h = s.add_then_norm(x, a, "attn", "pre_ff")
+    return s.finish(h, p.norm("post_ff", p.mlp(normed)))
 
 
 def _parallel(p: Parts, x: torch.Tensor, kwargs: dict, s: Inject) -> torch.Tensor:
-    n = p.norm("input", x)
+    n = s.input_norm(p, x)
     h = s.add(x, p.branch("attn", p.attn(n, kwargs)), "attn")
-    return s.add(h, p.branch("mlp", p.mlp(n)), "mlp")
+    return s.finish(h, p.branch("mlp", p.mlp(n)))
 
 
 STYLES: tuple[Style, ...] = (

@@ -34,13 +34,15 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from m2iv_kernels.prepared import NO_ROWS
+
 from ..errors import UnsupportedModelError
 from ..families import LayerSpec, ModelInfo
 from ..vectors import M2IV
 from .forwards import make_layer_forward, make_o_proj_forward
 from .rebind import Rebind
 from .state import LayerState
-from .styles import match
+from .styles import Inject, match
 
 __all__ = ["confirm_modes", "TOLERANCE"]
 
@@ -163,21 +165,16 @@ def _installed(rebinds: list[Rebind]) -> Iterator[None]:
 
 
 class _Probe:
-    """The :class:`~m2iv.patch.forwards.Steering` of one layer under verification."""
+    """The :class:`~m2iv.patch.forwards.Steering` of one layer under verification: every
+    token steered, the reference ops (``torch`` backend)."""
 
-    strength, backend = 1.0, "torch"
+    strength = 1.0
 
     def __init__(self, state: LayerState):
         self.state = state
 
-    def layer_tensors(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return self.state.tensors(1.0, device)
-
-    def mask_for(self, x: torch.Tensor) -> None:
-        return None
-
-    def index_for(self, x: torch.Tensor) -> None:
-        return None
+    def inject(self, index: int, x: torch.Tensor) -> Inject:
+        return Inject(self.state, NO_ROWS)
 
 
 def _float32_copy(spec: LayerSpec) -> LayerSpec | None:
@@ -261,7 +258,7 @@ def _check(info: ModelInfo, spec: LayerSpec, args: tuple, kwargs: dict,
                 h.remove()
         errors = {}
         for mode in modes:
-            probe = _Probe(LayerState(spec, 0, mode, vectors))
+            probe = _Probe(LayerState(spec, 0, mode, vectors, 1.0, "torch"))
             rebinds = [Rebind(layer, make_layer_forward(probe, spec, info.attn_drop_kwargs))]
             if mode == "head":
                 rebinds.append(Rebind(o_proj, make_o_proj_forward(probe, spec.index)))

@@ -47,6 +47,16 @@ def test_env_var_overrides_auto(monkeypatch):
         backends.resolve("auto", torch.device("cpu"))
 
 
+def test_public_resolve_backend_names_what_the_ops_run(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert mk.resolve_backend("auto", "cpu") == backends.resolve("auto", torch.device("cpu"))
+    assert mk.resolve_backend("torch", "cpu") == "torch"
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    assert mk.resolve_backend(device="cpu") == "triton"
+    with pytest.raises(ValueError, match="unknown backend='tpu'"):
+        mk.resolve_backend("tpu", "cpu")
+
+
 def test_unknown_and_unavailable_backends():
     x, v, g = torch.randn(2, 8), torch.randn(2, 4), torch.randn(2)
     with pytest.raises(ValueError, match="unknown backend='cuda'.*'triton'"):
@@ -153,7 +163,9 @@ import torch
 from m2iv_kernels import reference
 
 def _term(vectors, gates, meta, rows):
-    steer = (gates.float()[..., None] * vectors.float()).flatten(-2)  # [N, C]
+    steer = (gates.float()[..., None] * vectors.float()).reshape(-1, vectors.shape[-1] *
+                                                                 (vectors.dim() == 3 and
+                                                                  vectors.shape[1] or 1))
     if meta.index is not None:
         steer = steer[meta.index.repeat_interleave(meta.rows_per_seq)[:rows]]
     else:
@@ -161,8 +173,10 @@ def _term(vectors, gates, meta, rows):
     return steer if meta.mask is None else steer * meta.mask.float()[:, None]
 
 def steer_fwd(x, residual, vectors, gates, meta, out=None):
-    y = x.float() + (0 if residual is None else residual.float()) + _term(vectors, gates, meta,
-                                                                           x.shape[0])
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)
+    res = 0 if residual is None else residual.reshape(-1, c).float()
+    y = (x2.float() + res + _term(vectors, gates, meta, x2.shape[0])).view(x.shape)
     return y.to(x.dtype) if out is None else out.copy_(y)
 '''
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import m2iv
-from m2iv import M2IV, UnsupportedModelError, VectorsMismatchError, patch_model, unpatch_model
+from m2iv import (M2IV, UnsupportedModelError, VectorsFormatError, VectorsMismatchError,
+                  patch_model, unpatch_model)
 from m2iv.patch import rebind
 from m2iv.testing import HookReference, build, text_inputs
 
@@ -217,12 +218,15 @@ def test_per_layer_placement_uses_the_layer_device():
         assert spec1.device == torch.device("meta")
         assert h._states[1].device == torch.device("meta")
         assert h.modes == {0: "fold", 1: "head"}  # no fold through an unmaterialised o_proj
-        # placed at patch time, before any forward
-        assert all(x.device.type == "meta" for x in h._states[1]._cached.values())
-        assert all(x.device.type == "cpu" for x in h._states[0]._cached.values())
-        t = h.layer_tensors(1, h._states[1].device)
+        # placed at patch time, before any forward, and the backend resolved there
+        def placed(st):
+            return [t.device.type for b in st.banks.values() for t in (b.vectors, b.gates)]
+
+        assert set(placed(h._states[1])) == {"meta"} and h._states[1].entry.device.type == "meta"
+        assert set(placed(h._states[0])) == {"cpu"} and h._states[0].entry.device.type == "cpu"
+        t = h._states[1].public_tensors()
         assert all(x.device.type == "meta" for x in t.values())
-        t0 = h.layer_tensors(0, h._states[0].device)
+        t0 = h._states[0].public_tensors()
         assert all(x.device.type == "cpu" for x in t0.values())
     finally:
         h.remove()
@@ -303,3 +307,103 @@ def test_readme_example(tmp_path):
     plain = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False)
     assert steered.shape == plain.shape == (1, 13)
     assert not handle.active
+
+
+def test_prepared_once_not_per_forward(monkeypatch):
+    """Banks, folds and token rows are prepared when vectors, strength or selection are handed
+    over: forwards (decode steps included) recompute nothing, set_strength refolds nothing."""
+    from m2iv.patch.state import LayerState
+
+    model = model_for("llama")
+    ids = text_inputs(2, 6)
+    bank = M2IV.stack([M2IV.random_like(model, seed=s) for s in (1, 2)])
+    h = patch_model(model, bank, index=[1, 0])
+    folds = []
+    monkeypatch.setattr(LayerState, "_banks",
+                        lambda self, *a, _f=LayerState._banks: folds.append(1) or _f(self, *a))
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           max_new_tokens=3, do_sample=False)
+            h.set_strength(0.5)
+            h.select(torch.tensor([0, 0]))
+            model(input_ids=ids)
+        assert folds == []
+        with torch.no_grad():
+            bank.mlp.mul_(2.0)  # an in-place edit: seen at the next forward, refolded once
+            model(input_ids=ids)
+            model(input_ids=ids)
+        assert len(folds) == len(h.layers)
+    finally:
+        h.remove()
+
+
+def test_set_vectors_leaves_every_vectors_object_as_given():
+    """The patch's banks are its own copies: swapping vectors writes into those, never into
+    the tensors of the vectors objects handed over."""
+    model = model_for("llama")
+    v1, v2 = M2IV.random_like(model, seed=1), M2IV.random_like(model, seed=2)
+    before = {id(v): {k: t.clone() for k, t in v.tensors().items()} for v in (v1, v2)}
+    with patch_model(model, v1) as h:
+        h.set_vectors(v2)
+        h.set_strength(3.0)
+        h.set_vectors(v1)
+    for v in (v1, v2):
+        for k, t in v.tensors().items():
+            assert torch.equal(t, before[id(v)][k]), k
+
+
+def test_nan_written_after_patching_refused_at_the_next_forward():
+    model = model_for("llama")
+    ids = text_inputs(1, 5)
+    v = M2IV.random_like(model, seed=1)
+    with patch_model(model, v):
+        with torch.no_grad():
+            v.mlp[0, 0] = float("nan")
+            with pytest.raises(VectorsFormatError, match="mlp holds NaN"):
+                model(input_ids=ids)
+
+
+def test_selection_made_under_inference_mode_can_change_later():
+    model = model_for("llama")
+    ids = text_inputs(2, 5)
+    bank = M2IV.stack([M2IV.random_like(model, seed=s) for s in (1, 2)])
+    with patch_model(model, bank, index=0) as h:
+        with torch.inference_mode():
+            first = model(input_ids=ids).logits
+        h.select(1)  # rewrites the index buffers made under inference mode
+        with torch.inference_mode():
+            second = model(input_ids=ids).logits
+        with HookReference(model, bank, index=[1, 1]):
+            h.set_strength(0)
+            ref = logits(model, ids)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, ref, rtol=0, atol=ATOL)
+
+
+def test_input_norm_fused_into_the_previous_layer_sees_in_place_edits():
+    """A layer's output add also computes the next layer's input RMSNorm (eager inference);
+    the next layer uses it only for that very tensor, unmodified: an in-place edit between the
+    layers (here a forward hook shifting the output) is honoured."""
+    model = model_for("llama")
+    ids = text_inputs(2, 6)
+    v = M2IV.random_like(model, seed=1)
+
+    def scale(module, args, out):  # not a uniform scale: RMSNorm would not see that
+        h = out[0] if isinstance(out, tuple) else out
+        h.add_(torch.linspace(-1.0, 1.0, h.shape[-1]))
+
+    with HookReference(model, v):
+        hook = layer(model, 0).register_forward_hook(scale)
+        ref = logits(model, ids)
+        hook.remove()
+    with patch_model(model, v) as h:
+        plain = logits(model, ids)
+        assert h._states[0].next_input is h._states[1]  # the fusion is on
+        hook = layer(model, 0).register_forward_hook(scale)
+        try:
+            got = logits(model, ids)
+        finally:
+            hook.remove()
+    torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
+    assert not torch.allclose(got, plain)
