@@ -6,6 +6,8 @@
                --baselines mean-activation --out digits-eval.json
 
 Data parallel: ``torchrun --nproc_per_node 2 -m m2iv.cli train ...`` (gloo on CPU, nccl on GPU).
+(Over 500 lines on purpose: most of it is the argument table of :class:`~m2iv.train.TrainConfig`,
+each option with its type check and help; the commands themselves are short.)
 """
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """VLibrary: the library's API (read, search, add, update, remove, combine, interop). The
 index lives in :mod:`.index`, the files in :mod:`.files`, ``verify`` in :mod:`.verify`; the
-layout and the durability protocol are described in :mod:`m2iv.library`."""
+layout and the durability protocol are described in :mod:`m2iv.library`.
+
+(Over 500 lines on purpose: one public class, and every method is a short composition of the
+index, the files and the fit rule under one lock discipline, which reads best in one place.)"""
 from __future__ import annotations
 
 import contextlib
