@@ -227,6 +227,9 @@ def test_output_file_checks_the_directory(tmp_path):
         ro.mkdir(mode=0o555)
         with pytest.raises(argparse.ArgumentTypeError, match="not writable"):
             check(str(ro / "v.safetensors"))
+    if os.path.isdir("/proc"):  # writable by os.access for root, yet no file can be made
+        with pytest.raises(argparse.ArgumentTypeError, match="/proc is not writable"):
+            check("/proc/m2iv/v.safetensors")
 
 
 # ---------------------------------------------------------------------- optional dependencies

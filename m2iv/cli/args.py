@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from collections.abc import Callable
 
 __all__ = ["positive_int", "non_negative_int", "finite_float", "positive_float",
@@ -83,6 +84,11 @@ def _dir_problem(path: str) -> str | None:
         return f"{base} is not a directory"
     if not os.access(base, os.W_OK | os.X_OK):
         return f"{base} is not writable"
+    try:  # os.access says yes to root everywhere, also on read-only or virtual file systems
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        return f"{base} is not writable ({err.strerror})"
     return None
 
 

@@ -48,8 +48,9 @@ def prepare_root(root: str, index_name: str, create: bool) -> None:
             raise LibraryIndexError(f"{root} holds {len(stored)} stored vector file(s) but no "
                                     f"index ({index_name}); {rebuild_hint(root)}")
         if not create:
-            raise LibraryError(f"no VLibrary at {root} (no {index_name}); pass create=True to "
-                               "make one")
+            raise LibraryError(f"no VLibrary at {root} (no {index_name}): check the path; "
+                               "adding vectors makes one (m2iv library add, or VLibrary(path) "
+                               "with create=True)")
         if os.path.isdir(root):
             ours = {VECTORS_DIR, TMP_DIR, QUARANTINE_DIR, index_name, index_name + "-wal",
                     index_name + "-shm", index_name + "-journal"}

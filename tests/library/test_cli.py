@@ -111,6 +111,10 @@ def test_compose_rm_verify(capsys, root, files, tmp_path):
     assert code == 0 and "removed mix:1" in out
     code, _, err = run(capsys, root, "rm", "nope:1")
     assert code == 1 and "no entry named 'nope'" in err
+    code, _, err = run(capsys, str(tmp_path / "elsewhere"), "rm", "a")
+    assert code == 1 and "no VLibrary at" in err and "m2iv library add" in err
+    assert "pass create=True" not in err  # rm has no such flag: the command to run is named
+    assert not (tmp_path / "elsewhere").exists()
 
     rep = run_json(capsys, root, "verify")
     assert rep["clean"] and rep["checked"] == 1
