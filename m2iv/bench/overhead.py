@@ -115,7 +115,7 @@ def lockstep_decode(models: dict[str, torch.nn.Module], inputs: dict, steps: int
         try:
             with cond:
                 wait_turn(k)
-            with torch.no_grad(), torch._dynamo.config.patch(limits):
+            with torch.no_grad(), torch._dynamo.config.patch(dynamo):
                 models[names[k]].generate(
                     **inputs, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                     do_sample=False, stopping_criteria=StoppingCriteriaList([Baton(k)]),
@@ -126,8 +126,8 @@ def lockstep_decode(models: dict[str, torch.nn.Module], inputs: dict, steps: int
                 state["done"].add(names[k])
                 pass_baton(k)
 
-    # Dynamo's config is per thread: the workers get the caller's recompile limits (_compile)
-    limits = {k: getattr(torch._dynamo.config, k) for k in _LIMITS}
+    # Dynamo's config is per thread: the workers get the caller's settings (_compile)
+    dynamo = {k: getattr(torch._dynamo.config, k) for k in _DYNAMO}
     threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(names))]
     with no_gc():
         for th in threads:
@@ -147,19 +147,29 @@ def prefill_call(model, inputs: dict) -> Callable[[], object]:
 
 
 _LIMITS = ("recompile_limit", "accumulated_recompile_limit")  # Dynamo's (torch >= 2.6)
+#: what _compile sets and lockstep_decode hands to its worker threads
+_DYNAMO = (*_LIMITS, "skip_nnmodule_hook_guards")
 
 
-def _compile(models: dict[str, torch.nn.Module]) -> Callable[[], None]:
+def _compile(models: dict[str, torch.nn.Module], backend: str = "inductor"
+             ) -> Callable[[], None]:
     """``torch.compile(forward, fullgraph=True)`` on every model (a patched twin's forward is
-    the patch's: the steering is traced with the model); returns the undo."""
+    the patch's: the steering is traced with the model); returns the undo.
+
+    The unsteered and hooks twins run one code object, so one Dynamo cache: by default
+    (``skip_nnmodule_hook_guards``) Dynamo does not guard on module hooks, and the hooks twin
+    would silently run the unsteered twin's graph. Hook guards are on meanwhile."""
     import torch._dynamo
 
+    cfg = torch._dynamo.config
+    before = {k: getattr(cfg, k) for k in _DYNAMO}
     # twins x batch sizes x (prefill, decode) graphs of one code object
     for name, least in zip(_LIMITS, (64, 512)):
-        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), least))
+        setattr(cfg, name, max(getattr(cfg, name), least))
+    cfg.skip_nnmodule_hook_guards = False
     saved = [(m, m.__dict__.get("forward")) for m in models.values()]
     for m in models.values():
-        m.forward = torch.compile(m.forward, fullgraph=True)
+        m.forward = torch.compile(m.forward, fullgraph=True, backend=backend)
 
     def undo() -> None:
         for m, forward in saved:
@@ -167,8 +177,29 @@ def _compile(models: dict[str, torch.nn.Module]) -> Callable[[], None]:
                 m.__dict__.pop("forward", None)
             else:
                 m.forward = forward
+        cfg.skip_nnmodule_hook_guards = before["skip_nnmodule_hook_guards"]
 
     return undo
+
+
+def check_compiled(models: dict[str, torch.nn.Module], inputs: dict,
+                   eager: dict[str, torch.Tensor]) -> None:
+    """Every steered mode's compiled prefill logits must be its own eager logits, not the
+    unsteered model's: a compiled graph that dropped the steering (e.g. one shared with an
+    unsteered twin) would time the wrong thing."""
+    base = eager.get("unsteered")
+    for mode, model in models.items():
+        if mode == "unsteered" or base is None:
+            continue
+        got = prefill_call(model, inputs)().logits.float()
+        want = eager[mode].float()
+        effect = float((want - base.float()).abs().max())
+        err = float((got - want).abs().max())
+        if not err < 0.5 * effect:
+            raise RuntimeError(
+                f"compiled {mode!r} does not steer like eager {mode!r}: max |compiled - eager| "
+                f"= {err:.3g} against a steering effect of {effect:.3g}; the benchmark would "
+                "time a graph without the steering")
 
 
 def _graphs() -> int:
@@ -208,9 +239,9 @@ def run(model: torch.nn.Module, vectors, make_inputs: Callable[[int], dict], *,
                 # one eager forward first: lazy set-up (transformers installs its output
                 # capturing hooks on first use) cannot run inside a fullgraph trace
                 inputs = make_inputs(batches[0])
-                for m in models.values():
-                    prefill_call(m, inputs)()
+                eager = {m: prefill_call(mm, inputs)().logits for m, mm in models.items()}
                 uncompile = _compile(models)
+                check_compiled(models, inputs, eager)
             gen = {"cache_implementation": "static"} if comp else {}
             for batch in batches:
                 inputs = make_inputs(batch)

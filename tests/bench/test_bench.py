@@ -67,6 +67,38 @@ def test_lockstep_decode_alternates_tokens_and_keeps_the_recompile_limits():
     assert seen == {"a": 77, "b": 77}
 
 
+def test_compiled_hooks_twin_runs_its_own_graph():
+    """The unsteered and hooks twins share one code object: with Dynamo's default (no guards on
+    module hooks) the compiled hooks twin would run the unsteered graph; _compile turns hook
+    guards on, and check_compiled catches a compiled mode that lost its steering."""
+    import torch._dynamo
+
+    import m2iv
+    from m2iv.bench import overhead
+    from m2iv.bench.modes import steered_twins
+
+    preset = apply_overrides(PRESETS["cpu-tiny"], ["text.num_hidden_layers=2"])
+    model = build_model(preset, torch.device("cpu"))
+    vectors = m2iv.M2IV.random_like(model, seed=0)
+    inputs, _ = make_inputs(preset, model, 0)
+    models, remove = steered_twins(model, vectors, modes=("unsteered", "hooks"))
+    eager = {m: overhead.prefill_call(mm, inputs)().logits for m, mm in models.items()}
+    torch._dynamo.reset()
+    undo = overhead._compile(models, backend="eager")
+    try:
+        overhead.prefill_call(models["unsteered"], inputs)()  # the unsteered graph first
+        overhead.check_compiled(models, inputs, eager)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+            overhead.prefill_call(models["unsteered"], inputs)()
+            with pytest.raises(RuntimeError, match="does not steer like eager 'hooks'"):
+                overhead.check_compiled(models, inputs, eager)
+    finally:
+        undo()
+        remove()
+        torch._dynamo.reset()
+
+
 def test_runs_never_write_into_committed_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = common.results_dir("x")
