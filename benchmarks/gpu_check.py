@@ -123,7 +123,7 @@ STEPS: tuple[Step, ...] = (
     Step("info", ("m2iv_kernels.info", "--json"), ("m2iv_kernels.info", "--json"),
          60, 150, gpu_summary.info, stdout="info.json"),
     Step("parity", ("pytest", "tests", "-m", "gpu", *_PYTEST),
-         ("pytest", "tests/kernels/test_ops.py", "tests/kernels/test_gpu.py",
+         ("pytest", "tests/ops/test_ops.py", "tests/ops/test_gpu.py",
           "-k", "bit_identical or capture", *_PYTEST),
          105, 150, gpu_summary.parity,
          optional={"xdist": ("-n", "8"), "pytest_timeout": ("--timeout", "240")}),

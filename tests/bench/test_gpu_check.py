@@ -137,7 +137,7 @@ def test_gpu_parity_selection_finds_the_cuda_tests(tmp_path):
                          cwd=gc.ROOT, env=gc.child_env(dry=True), timeout=300)
     collected = [ln for ln in out.stdout.splitlines() if "::" in ln]
     assert len(collected) >= 250, out.stdout[-2000:] + out.stderr[-2000:]
-    parity = [ln for ln in collected if ln.startswith("tests/kernels/test_ops.py")]
+    parity = [ln for ln in collected if ln.startswith("tests/ops/test_ops.py")]
     assert len(parity) >= 200 and all("-cuda" in ln for ln in parity)
 
 
@@ -189,12 +189,12 @@ def test_summary_records_the_extension_missing_on_cuda(tmp_path):
 def test_summary_of_a_parity_run_stopped_before_its_junit_file(tmp_path):
     (tmp_path / "parity").mkdir()
     (tmp_path / "parity.log").write_text(
-        "[gw0] [ 1%] PASSED tests/kernels/test_ops.py::test_a[triton-cuda]\n"
-        "[gw1] [ 2%] FAILED tests/kernels/test_ops.py::test_b[ext-cuda]\n"
-        "[gw1] [ 3%] SKIPPED tests/kernels/test_gpu.py::test_c\n")
+        "[gw0] [ 1%] PASSED tests/ops/test_ops.py::test_a[triton-cuda]\n"
+        "[gw1] [ 2%] FAILED tests/ops/test_ops.py::test_b[ext-cuda]\n"
+        "[gw1] [ 3%] SKIPPED tests/ops/test_gpu.py::test_c\n")
     line, details = gs.parity(tmp_path / "parity")
     assert line == "1 passed, 1 failed, 1 skipped (before it was stopped)"
-    assert details == ["failed: tests/kernels/test_ops.py::test_b[ext-cuda]"]
+    assert details == ["failed: tests/ops/test_ops.py::test_b[ext-cuda]"]
 
 
 def test_summary_of_patched_results_takes_whatever_ratios_there_are(tmp_path):

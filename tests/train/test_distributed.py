@@ -108,8 +108,7 @@ def test_torchrun_cli(tmp_path):
            "2", "-m", "m2iv.cli", "train", "--data", data, "--shots", "4", "--steps", "3",
            "--batch-size", "4", "--eval-every", "0", "--eval-queries", "16", "--backend",
            "torch", "--no-progress", "--threads", "1", "--out", out]
-    # cwd outside the repository: from tests/, its kernels/ folder would shadow the `kernels`
-    # package that transformers >= 5.25 imports
+    # run from outside the repository, as a user does (no folder of it on sys.path)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     v = M2IV.load(out)
