@@ -138,3 +138,27 @@ def test_readme_results_blocks_equal_the_files(tmp_path):
     assert readme.stale_blocks(doc, tmp_path) == ["r.md"]
     fixed = readme.synced(doc, tmp_path)
     assert readme.stale_blocks(fixed, tmp_path) == [] and "| 1 |\n<!-- /results -->\nend" in fixed
+
+
+def test_demo_train_times_the_makefile_recipe():
+    """``benchmarks.demo_train`` runs the commands of ``make demo-train`` (its README table
+    claims so): the same command lines, with ``runs/`` moved to its work directory, plus only
+    ``--no-progress`` and ``--table FILE``."""
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks import demo_train
+
+    root = Path(fidelity.__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "demo-train"], cwd=root, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    recipe = [ln.split()[1:] for ln in out.replace("\\\n", " ").splitlines() if "/m2iv " in ln]
+    timed = []
+    for cmd in demo_train.commands(Path("runs"), "m2iv"):
+        args = [a for a in cmd[1:] if a != "--no-progress"]
+        if "--table" in args:
+            i = args.index("--table")
+            del args[i:i + 2]
+        timed.append(args)
+    assert recipe == timed and len(recipe) == 3
